@@ -1,0 +1,158 @@
+// Every schema of the fgd library, in one place, and the argument checks both backends share.
+#include "fgd.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace fgd {
+namespace {
+
+std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "fgd.", op, ": ", name,
+                   " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+                   t.scalar_type());
+}
+
+void check_offset(double offset, const char* op) {
+  TORCH_CHECK_VALUE(offset == 0.0 || offset == 1.0, "fgd.", op,
+                    ": offset must be 0 (continuous coordinates) or 1 (legacy +1 pixel), got ",
+                    offset);
+}
+
+void check_same_device(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb,
+                       const char* op) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), "fgd.", op, ": ", na, " and ", nb,
+                    " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+}  // namespace
+
+void check_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, double offset) {
+  const char* op = "box_iou";
+  check_floating(boxes1, op, "boxes1");
+  check_floating(boxes2, op, "boxes2");
+  TORCH_CHECK_TYPE(boxes1.scalar_type() == boxes2.scalar_type(), "fgd.box_iou: boxes1 and boxes2 ",
+                   "must have the same dtype, got ", boxes1.scalar_type(), " and ",
+                   boxes2.scalar_type());
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{boxes1, "boxes1"},
+                         std::pair<const at::Tensor&, const char*>{boxes2, "boxes2"}}) {
+    TORCH_CHECK_VALUE((t.dim() == 2 || t.dim() == 3) && t.size(-1) == 4, "fgd.box_iou: ", name,
+                      " must have shape [N, 4] or [B, N, 4] (x1, y1, x2, y2), got ",
+                      shape_str(t));
+  }
+  TORCH_CHECK_VALUE(boxes1.dim() == boxes2.dim(), "fgd.box_iou: boxes1 and boxes2 must both be ",
+                    "batched ([B, N, 4], [B, M, 4]) or both not, got ", shape_str(boxes1), " and ",
+                    shape_str(boxes2));
+  TORCH_CHECK_VALUE(boxes1.dim() == 2 || boxes1.size(0) == boxes2.size(0), "fgd.box_iou: boxes1 ",
+                    "and boxes2 must have the same batch size, got ", shape_str(boxes1), " and ",
+                    shape_str(boxes2));
+  check_same_device(boxes1, "boxes1", boxes2, "boxes2", op);
+  check_offset(offset, op);
+}
+
+MaskShape check_imitation_mask(const at::Tensor& anchors, const at::Tensor& gt_boxes,
+                               const at::Tensor& gt_counts, c10::SymIntArrayRef feat_size,
+                               double thresh, double offset) {
+  const char* op = "imitation_mask";
+  check_floating(anchors, op, "anchors");
+  check_floating(gt_boxes, op, "gt_boxes");
+  TORCH_CHECK_TYPE(anchors.scalar_type() == gt_boxes.scalar_type(), "fgd.imitation_mask: anchors ",
+                   "and gt_boxes must have the same dtype, got ", anchors.scalar_type(), " and ",
+                   gt_boxes.scalar_type());
+  TORCH_CHECK_TYPE(gt_counts.scalar_type() == at::kLong, "fgd.imitation_mask: gt_counts must be ",
+                   "an int64 tensor, got ", gt_counts.scalar_type());
+  TORCH_CHECK_VALUE(gt_boxes.dim() == 3 && gt_boxes.size(2) == 4, "fgd.imitation_mask: gt_boxes ",
+                    "must have shape [B, G, 4] (padded, x1, y1, x2, y2), got ", shape_str(gt_boxes));
+  TORCH_CHECK_VALUE((anchors.dim() == 2 || anchors.dim() == 3) && anchors.size(-1) == 4,
+                    "fgd.imitation_mask: anchors must have shape [H*W*K, 4] or [B, H*W*K, 4], got ",
+                    shape_str(anchors));
+  MaskShape s;
+  s.B = gt_boxes.size(0);
+  s.G = gt_boxes.size(1);
+  s.A = anchors.size(-2);
+  s.batched_anchors = anchors.dim() == 3;
+  TORCH_CHECK_VALUE(!s.batched_anchors || anchors.size(0) == s.B, "fgd.imitation_mask: batched ",
+                    "anchors must have the batch size of gt_boxes (", s.B, "), got ",
+                    shape_str(anchors));
+  TORCH_CHECK_VALUE(gt_counts.dim() == 1 && gt_counts.size(0) == s.B, "fgd.imitation_mask: ",
+                    "gt_counts must have shape [B] = [", s.B, "], got ", shape_str(gt_counts));
+  TORCH_CHECK_VALUE(feat_size.size() == 2, "fgd.imitation_mask: feat_size must be (H, W), got ",
+                    feat_size.size(), " values");
+  s.H = feat_size[0].guard_int(__FILE__, __LINE__);
+  s.W = feat_size[1].guard_int(__FILE__, __LINE__);
+  TORCH_CHECK_VALUE(s.H > 0 && s.W > 0, "fgd.imitation_mask: feat_size must be two positive ",
+                    "integers (H, W), got (", s.H, ", ", s.W, ")");
+  TORCH_CHECK_VALUE(s.A > 0 && s.A % (s.H * s.W) == 0, "fgd.imitation_mask: the number of ",
+                    "anchors (", s.A, ") must be a positive multiple of H*W = ", s.H, "*", s.W,
+                    " = ", s.H * s.W, " (K anchors per location)");
+  s.K = s.A / (s.H * s.W);
+  TORCH_CHECK_VALUE(thresh >= 0.0 && thresh < 1.0, "fgd.imitation_mask: thresh must be in [0, 1), ",
+                    "got ", thresh);
+  check_offset(offset, op);
+  check_same_device(anchors, "anchors", gt_boxes, "gt_boxes", op);
+  TORCH_CHECK_VALUE(gt_counts.device() == gt_boxes.device() || gt_counts.is_cpu(),
+                    "fgd.imitation_mask: gt_counts must be on the CPU or on gt_boxes' device (",
+                    gt_boxes.device(), "), got ", gt_counts.device());
+  // Values can be checked without a device sync only on the CPU; the kernels clamp them anyway.
+  if (gt_counts.is_cpu() && s.B > 0) {
+    const int64_t lo = gt_counts.min().item<int64_t>();
+    const int64_t hi = gt_counts.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= s.G, "fgd.imitation_mask: gt_counts must be in [0, G] = [0, ",
+                      s.G, "], got values in [", lo, ", ", hi, "]");
+  }
+  return s;
+}
+
+void check_imitation_loss(const at::Tensor& student, const at::Tensor& teacher,
+                          const at::Tensor& mask) {
+  const char* op = "imitation_loss";
+  check_floating(student, op, "student");
+  check_floating(teacher, op, "teacher");
+  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "fgd.imitation_loss: student ",
+                   "and teacher must have the same dtype, got ", student.scalar_type(), " and ",
+                   teacher.scalar_type(), " (cast the teacher's features to the student's dtype)");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()),
+                   "fgd.imitation_loss: mask must be a bool tensor or a floating-point tensor of ",
+                   "per-location weights, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(student.dim() == 4, "fgd.imitation_loss: student must have shape [B, C, H, W], ",
+                    "got ", shape_str(student));
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "fgd.imitation_loss: teacher must have the ",
+                    "shape of student ", shape_str(student), ", got ", shape_str(teacher));
+  TORCH_CHECK_VALUE(mask.dim() == 3 && mask.size(0) == student.size(0) &&
+                        mask.size(1) == student.size(2) && mask.size(2) == student.size(3),
+                    "fgd.imitation_loss: mask must have shape [B, H, W] = [", student.size(0), ", ",
+                    student.size(2), ", ", student.size(3), "], got ", shape_str(mask));
+  check_same_device(student, "student", teacher, "teacher", op);
+  check_same_device(student, "student", mask, "mask", op);
+  // Negative weights would make the loss reward error. Checking costs a sync on a GPU, so only here.
+  if (mask.is_cpu() && mask.is_floating_point() && mask.numel() > 0) {
+    const double lo = mask.min().item<double>();
+    TORCH_CHECK_VALUE(lo >= 0.0, "fgd.imitation_loss: mask weights must be non-negative, got a ",
+                      "minimum of ", lo);
+  }
+}
+
+at::Tensor mask_weights(const at::Tensor& mask, at::ScalarType dtype) {
+  return mask.to(dtype).contiguous();
+}
+
+}  // namespace fgd
+
+TORCH_LIBRARY(fgd, m) {
+  m.def("box_iou(Tensor boxes1, Tensor boxes2, float offset=0.0) -> Tensor");
+  m.def(
+      "imitation_mask(Tensor anchors, Tensor gt_boxes, Tensor gt_counts, SymInt[2] feat_size, "
+      "float thresh=0.5, float offset=0.0) -> Tensor");
+  m.def("imitation_loss(Tensor student, Tensor teacher, Tensor mask) -> Tensor");
+  // d(loss)/d(student) scaled by `grad`; the teacher's gradient is its negation.
+  m.def("_imitation_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor mask) -> Tensor");
+}
+
+// box_iou and imitation_mask are not differentiable: skipping autograd keeps their outputs free of
+// a grad_fn even when the boxes require grad (e.g. predicted boxes).
+TORCH_LIBRARY_IMPL(fgd, Autograd, m) {
+  m.impl("box_iou", torch::CppFunction::makeFallthrough());
+  m.impl("imitation_mask", torch::CppFunction::makeFallthrough());
+}

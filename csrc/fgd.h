@@ -1,0 +1,27 @@
+// Argument checks shared by the CPU and CUDA entry points. They live in C++ so that a direct
+// torch.ops.fgd.* call is as memory-safe as the Python wrapper: TORCH_CHECK_TYPE raises TypeError,
+// TORCH_CHECK_VALUE raises ValueError, each naming the argument.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymIntArrayRef.h>
+
+namespace fgd {
+
+// Everything an imitation_mask kernel needs to know about the shapes.
+struct MaskShape {
+  int64_t B, G, A, H, W, K;
+  bool batched_anchors;  // anchors are [B, A, 4] rather than one [A, 4] set shared by the batch
+};
+
+void check_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, double offset);
+MaskShape check_imitation_mask(const at::Tensor& anchors, const at::Tensor& gt_boxes,
+                               const at::Tensor& gt_counts, c10::SymIntArrayRef feat_size,
+                               double thresh, double offset);
+void check_imitation_loss(const at::Tensor& student, const at::Tensor& teacher,
+                          const at::Tensor& mask);
+
+// The per-location weights the loss kernels read: the mask as `dtype` (float, or double for
+// float64 features), contiguous.
+at::Tensor mask_weights(const at::Tensor& mask, at::ScalarType dtype);
+
+}  // namespace fgd

@@ -1,0 +1,69 @@
+"""Plain-PyTorch float64 versions of every fgd op: the truth the kernels are tested against.
+
+They are written for clarity, not speed: imitation_mask materialises the [B, A, G] IoU tensor that
+the kernels avoid. Each returns float64 (or bool) whatever the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _extent(lo: Tensor, hi: Tensor, offset: float) -> Tensor:
+    # An inverted interval has length 0 whatever the offset (see csrc/box.h).
+    return torch.where(hi >= lo, hi - lo + offset, torch.zeros_like(lo))
+
+
+def box_area(boxes: Tensor, offset: float = 0.0) -> Tensor:
+    b = boxes.double()
+    return _extent(b[..., 0], b[..., 2], offset) * _extent(b[..., 1], b[..., 3], offset)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor, *, offset: float = 0.0) -> Tensor:
+    """[..., N, 4] x [..., M, 4] -> float64 [..., N, M]; 0 where the union is empty."""
+    a = boxes1.double()[..., :, None, :]
+    b = boxes2.double()[..., None, :, :]
+    iw = _extent(torch.maximum(a[..., 0], b[..., 0]), torch.minimum(a[..., 2], b[..., 2]), offset)
+    ih = _extent(torch.maximum(a[..., 1], b[..., 1]), torch.minimum(a[..., 3], b[..., 3]), offset)
+    inter = iw * ih
+    union = box_area(boxes1, offset)[..., :, None] + box_area(boxes2, offset)[..., None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+
+def imitation_mask(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_counts: Tensor,
+    feat_size: Sequence[int],
+    *,
+    thresh: float = 0.5,
+    offset: float = 0.0,
+) -> Tensor:
+    """The FGFI rule exactly as the official code states it -> bool [B, H, W]."""
+    B, G = gt_boxes.shape[0], gt_boxes.shape[1]
+    H, W = feat_size
+    if anchors.dim() == 2:
+        anchors = anchors.expand(B, *anchors.shape)
+    iou = box_iou(anchors, gt_boxes, offset=offset)  # [B, A, G]
+    valid = torch.arange(G, device=gt_boxes.device)[None, :] < gt_counts.to(gt_boxes.device)[:, None]
+    iou = torch.where(valid[:, None, :], iou, 0.0)
+    best = iou.amax(dim=1, keepdim=True) if iou.shape[1] > 0 else iou.sum(dim=1, keepdim=True)
+    passes = (iou > thresh * best) & valid[:, None, :]
+    return passes.any(dim=2).view(B, H, W, -1).any(dim=3)
+
+
+def imitation_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """sum mask * sum_c (s - t)^2 / (2 N_p) in float64, 0 (with zero gradients) when N_p = 0.
+
+    Differentiable through autograd: the gradients of this function are the reference gradients.
+    Unmasked locations contribute nothing, even where the features are not finite.
+    """
+    w = mask.double()
+    on = (w != 0)[:, None]
+    # Selecting before squaring keeps both the value and the gradients clean of unmasked values.
+    diff = torch.where(on, student.double() - teacher.double(), 0.0)
+    per_loc = w * diff.pow(2).sum(dim=1)
+    n_pos = w.sum()
+    return torch.where(n_pos > 0, per_loc.sum() / (2 * n_pos.clamp_min(1e-300)), per_loc.sum() * 0)

@@ -1,0 +1,140 @@
+"""Bad input raises a Python exception naming the argument: TypeError for a dtype, ValueError for a
+shape or a value. Each case runs through the public wrapper and through torch.ops directly (the
+checks live in C++, so both are safe)."""
+import pytest
+import torch
+
+import fgd
+
+F = torch.float32
+
+
+def boxes(*shape, dtype=F):
+    return torch.tensor([0.0, 0, 10, 10], dtype=dtype).expand(*shape, 4).contiguous()
+
+
+def direct(name):
+    return getattr(torch.ops.fgd, name).default
+
+
+A = boxes(2 * 3 * 2)  # H = 2, W = 3, K = 2
+GT = boxes(2, 5)
+N = torch.tensor([1, 5])
+S = torch.zeros(2, 4, 3, 5)
+M = torch.ones(2, 3, 5, dtype=torch.bool)
+
+BOX_IOU = [
+    (TypeError, "boxes1 must be a floating-point", (boxes(3).long(), boxes(2))),
+    (TypeError, "boxes2 must be a floating-point", (boxes(3), boxes(2, dtype=torch.int32))),
+    (TypeError, "same dtype", (boxes(3), boxes(2, dtype=torch.float64))),
+    (ValueError, r"boxes1 must have shape \[N, 4\]", (torch.zeros(3, 5), boxes(2))),
+    (ValueError, r"boxes2 must have shape \[N, 4\]", (boxes(3), torch.zeros(4))),
+    (ValueError, r"boxes1 must have shape", (torch.zeros(1, 2, 3, 4), boxes(2))),
+    (ValueError, "both be batched", (boxes(2, 3), boxes(3))),
+    (ValueError, "same batch size", (boxes(2, 3), boxes(3, 3))),
+]
+
+MASK = [
+    (TypeError, "anchors must be a floating-point", (A.int(), GT, N, [2, 3])),
+    (TypeError, "gt_boxes must be a floating-point", (A, GT.long(), N, [2, 3])),
+    (TypeError, "anchors and gt_boxes must have the same dtype", (A, GT.double(), N, [2, 3])),
+    (TypeError, "gt_counts must be an int64", (A, GT, N.int(), [2, 3])),
+    (TypeError, "gt_counts must be an int64", (A, GT, N.float(), [2, 3])),
+    (ValueError, r"gt_boxes must have shape \[B, G, 4\]", (A, boxes(5), N, [2, 3])),
+    (ValueError, r"gt_boxes must have shape \[B, G, 4\]", (A, torch.zeros(2, 5, 3), N, [2, 3])),
+    (ValueError, r"anchors must have shape", (torch.zeros(12, 5), GT, N, [2, 3])),
+    (ValueError, r"anchors must have shape", (torch.zeros(1, 1, 12, 4), GT, N, [2, 3])),
+    (ValueError, "batched anchors must have the batch size", (boxes(3, 12), GT, N, [2, 3])),
+    (ValueError, r"gt_counts must have shape \[B\]", (A, GT, torch.tensor([1, 2, 3]), [2, 3])),
+    (ValueError, r"gt_counts must have shape \[B\]", (A, GT, N[:, None], [2, 3])),
+    (ValueError, "positive multiple of H\\*W", (A, GT, N, [5, 3])),
+    (ValueError, "positive multiple of H\\*W", (boxes(0), GT, N, [2, 3])),
+    (ValueError, "feat_size must be two positive", (A, GT, N, [0, 3])),
+    (ValueError, "feat_size must be two positive", (A, GT, N, [-2, -3])),
+    (ValueError, r"gt_counts must be in \[0, G\]", (A, GT, torch.tensor([-1, 2]), [2, 3])),
+    (ValueError, r"gt_counts must be in \[0, G\]", (A, GT, torch.tensor([0, 6]), [2, 3])),
+]
+MASK_KW = [
+    (ValueError, r"thresh must be in \[0, 1\)", dict(thresh=1.0)),
+    (ValueError, r"thresh must be in \[0, 1\)", dict(thresh=-0.1)),
+    (ValueError, r"thresh must be in \[0, 1\)", dict(thresh=float("nan"))),
+    (ValueError, "offset must be 0", dict(offset=0.5)),
+]
+
+LOSS = [
+    (TypeError, "student must be a floating-point", (S.long(), S, M)),
+    (TypeError, "teacher must be a floating-point", (S, S.int(), M)),
+    (TypeError, "same dtype", (S, S.double(), M)),
+    (TypeError, "same dtype", (S.half(), S, M)),
+    (TypeError, "mask must be a bool tensor or a floating-point", (S, S, M.long())),
+    (TypeError, "mask must be a bool tensor or a floating-point", (S, S, M.to(torch.uint8))),
+    (ValueError, r"student must have shape \[B, C, H, W\]", (S[0], S[0], M[0])),
+    (ValueError, "teacher must have the shape of student", (S, S[:, :3], M)),
+    (ValueError, "teacher must have the shape of student", (S, S[:1], M)),
+    (ValueError, r"mask must have shape \[B, H, W\] = \[2, 3, 5\]", (S, S, M[:, :2])),
+    (ValueError, r"mask must have shape \[B, H, W\]", (S, S, M[:1])),
+    (ValueError, r"mask must have shape \[B, H, W\]", (S, S, M[:, None])),
+    (ValueError, "mask weights must be non-negative", (S, S, -M.float())),
+]
+
+
+@pytest.mark.parametrize("exc,msg,args", BOX_IOU)
+def test_box_iou(exc, msg, args):
+    with pytest.raises(exc, match=msg):
+        fgd.box_iou(*args)
+    with pytest.raises(exc, match=msg):
+        direct("box_iou")(*args)
+
+
+def test_box_iou_offset():
+    for bad in (0.5, -1.0, 2.0):
+        with pytest.raises(ValueError, match="offset must be 0"):
+            fgd.box_iou(boxes(2), boxes(2), offset=bad)
+
+
+@pytest.mark.parametrize("exc,msg,args", MASK)
+def test_imitation_mask(exc, msg, args):
+    with pytest.raises(exc, match=msg):
+        fgd.imitation_mask(*args)
+    with pytest.raises(exc, match=msg):
+        direct("imitation_mask")(*args)
+
+
+@pytest.mark.parametrize("exc,msg,kwargs", MASK_KW)
+def test_imitation_mask_options(exc, msg, kwargs):
+    with pytest.raises(exc, match=msg):
+        fgd.imitation_mask(A, GT, N, (2, 3), **kwargs)
+    with pytest.raises(exc, match=msg):
+        direct("imitation_mask")(A, GT, N, [2, 3], kwargs.get("thresh", 0.5), kwargs.get("offset", 0.0))
+
+
+@pytest.mark.parametrize("exc,msg,args", LOSS)
+def test_imitation_loss(exc, msg, args):
+    with pytest.raises(exc, match=msg):
+        fgd.imitation_loss(*args)
+    with pytest.raises(exc, match=msg):
+        direct("imitation_loss")(*args)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: fgd.box_iou([[0, 0, 1, 1]], boxes(2)), "boxes1 must be a torch.Tensor"),
+    (lambda: fgd.box_iou(boxes(2), boxes(2), offset="1"), "offset must be a number"),
+    (lambda: fgd.imitation_mask(A, GT, [1, 5], (2, 3)), "gt_counts must be a torch.Tensor"),
+    (lambda: fgd.imitation_mask(A, GT, N, 6), "feat_size must be a pair of ints"),
+    (lambda: fgd.imitation_mask(A, GT, N, (2, 3, 1)), "feat_size must be a pair of ints"),
+    (lambda: fgd.imitation_mask(A, GT, N, (2.0, 3.0)), "feat_size must be a pair of ints"),
+    (lambda: fgd.imitation_mask(A, GT, N, (2, 3), thresh=None), "thresh must be a number"),
+    (lambda: fgd.imitation_loss(S, S.numpy(), M), "teacher must be a torch.Tensor"),
+])
+def test_non_tensor_arguments(call, msg):
+    with pytest.raises(TypeError, match=msg):
+        call()
+
+
+def test_feat_size_accepts_torch_size():
+    assert fgd.imitation_mask(A, GT, N, torch.Size([2, 3])).shape == (2, 2, 3)
+
+
+def test_empty_boxes_still_checked():
+    with pytest.raises(ValueError, match="boxes1 must have shape"):
+        fgd.box_iou(torch.zeros(0, 3), boxes(2))
