@@ -3,4 +3,4 @@ package). Usage: python benchmarks/bench_ops.py [--quick] [--no-compile] [--devi
 from fgd.bench import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

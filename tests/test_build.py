@@ -58,3 +58,14 @@ def test_cmake_builds_the_cpu_library(tmp_path):
     """)
     assert r.returncode == 0, r.stderr
     assert abs(float(r.stdout) - 25 / 175) < 1e-6
+
+
+def test_cuda_kernels_are_compiled_where_they_can_be():
+    """CI has no GPU, but with a CUDA torch and nvcc the CUDA kernels must still compile and link."""
+    import fgd
+
+    nvcc = shutil.which("nvcc") or os.path.exists(
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
+    if torch.version.cuda is None or not nvcc or os.environ.get("FGD_CPU_ONLY") == "1":
+        pytest.skip("no CUDA build of torch or no nvcc: a CPU-only build is expected")
+    assert fgd.cuda_compiled()
