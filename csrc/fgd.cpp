@@ -36,12 +36,13 @@ void check_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, double of
   TORCH_CHECK_TYPE(boxes1.scalar_type() == boxes2.scalar_type(), "fgd.box_iou: boxes1 and boxes2 ",
                    "must have the same dtype, got ", boxes1.scalar_type(), " and ",
                    boxes2.scalar_type());
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{boxes1, "boxes1"},
-                         std::pair<const at::Tensor&, const char*>{boxes2, "boxes2"}}) {
+  auto check_shape = [](const at::Tensor& t, const char* name) {
     TORCH_CHECK_VALUE((t.dim() == 2 || t.dim() == 3) && t.size(-1) == 4, "fgd.box_iou: ", name,
                       " must have shape [N, 4] or [B, N, 4] (x1, y1, x2, y2), got ",
                       shape_str(t));
-  }
+  };
+  check_shape(boxes1, "boxes1");
+  check_shape(boxes2, "boxes2");
   TORCH_CHECK_VALUE(boxes1.dim() == boxes2.dim(), "fgd.box_iou: boxes1 and boxes2 must both be ",
                     "batched ([B, N, 4], [B, M, 4]) or both not, got ", shape_str(boxes1), " and ",
                     shape_str(boxes2));

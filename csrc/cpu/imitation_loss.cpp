@@ -20,15 +20,14 @@ constexpr int kLanes = 16;
 
 // [begin, end) runs of the H*W plane of each image holding a non-zero weight, at segment
 // granularity; spans of image b are spans[first[b] .. first[b + 1]).
-template <typename W>
 struct Spans {
   std::vector<int64_t> begin, end, first;
   double total_weight = 0;
 };
 
 template <typename W>
-Spans<W> find_spans(const W* w, int64_t B, int64_t HW) {
-  Spans<W> sp;
+Spans find_spans(const W* w, int64_t B, int64_t HW) {
+  Spans sp;
   sp.first.push_back(0);
   for (int64_t b = 0; b < B; ++b) {
     const W* wb = w + b * HW;
@@ -116,7 +115,7 @@ FGD_LOSS_CLONES(c10::Half, float)
 
 template <typename S, typename W>
 double loss_forward(const S* s, const S* t, const W* w, int64_t B, int64_t C, int64_t HW,
-                    const Spans<W>& sp) {
+                    const Spans& sp) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
   return at::parallel_reduce(
       0, B * C, grain, 0.0,
@@ -133,7 +132,7 @@ double loss_forward(const S* s, const S* t, const W* w, int64_t B, int64_t C, in
 
 template <typename S, typename W>
 void loss_backward(const S* s, const S* t, const W* w, W scale, int64_t B, int64_t C, int64_t HW,
-                   const Spans<W>& sp, S* out) {
+                   const Spans& sp, S* out) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
   at::parallel_for(0, B * C, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
@@ -159,7 +158,7 @@ at::Tensor imitation_loss_cpu(const at::Tensor& student, const at::Tensor& teach
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fgd_loss_cpu", [&] {
     using W = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const W* wp = w.const_data_ptr<W>();
-    const Spans<W> sp = find_spans(wp, B, HW);
+    const Spans sp = find_spans(wp, B, HW);
     if (sp.total_weight > 0) {
       loss = loss_forward(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), wp, B, C, HW,
                           sp) /
@@ -181,7 +180,7 @@ at::Tensor imitation_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fgd_loss_bwd_cpu", [&] {
     using W = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const W* wp = w.const_data_ptr<W>();
-    const Spans<W> sp = find_spans(wp, B, HW);
+    const Spans sp = find_spans(wp, B, HW);
     const W scale = sp.total_weight > 0 ? static_cast<W>(g / sp.total_weight) : W(0);
     loss_backward(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), wp, scale, B, C, HW,
                   sp, out.mutable_data_ptr<scalar_t>());
