@@ -13,9 +13,10 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
 
 from . import ops, reference  # noqa: E402
 from .ops import box_iou, imitation_loss, imitation_mask  # noqa: E402
+from .distill import Distiller  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "box_iou", "imitation_mask", "imitation_loss"]
+__all__ = ["ops", "reference", "box_iou", "imitation_mask", "imitation_loss", "Distiller"]
 
 
 def cuda_compiled() -> bool:
