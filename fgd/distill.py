@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["Distiller", "Adapter", "assign_fpn_levels"]
+__all__ = ["Distiller", "Adapter", "assign_fpn_levels", "imitation_masks"]
 
 LEVEL_POLICIES = ("assigned", "per_level")
 MASK_MODES = ("fgfi", "gt_box", "full")
@@ -358,42 +358,57 @@ class Distiller(nn.Module):
         return self.imitation_weight * total
 
     def masks(self, anchors: Sequence[Tensor], boxes: Sequence[Tensor], feat_sizes, image_size) -> list:
-        """The imitation mask of every level: bool [B, H_l, W_l] each."""
-        B = len(boxes)
-        device = anchors[0].device
-        G = max((len(b) for b in boxes), default=0)
-        gt = torch.zeros(B, G, 4, device=device)
-        counts = torch.tensor([len(b) for b in boxes], dtype=torch.long)
-        for i, b in enumerate(boxes):
-            gt[i, : len(b)] = b.detach().to(device=device, dtype=gt.dtype)
-        strides = [image_size[0] / fs[0] for fs in feat_sizes]
-        levels = [int(round(math.log2(s))) for s in strides]
-        valid = torch.arange(G, device=device)[None, :] < counts.to(device)[:, None]
-        if self.level_policy == "assigned" and G > 0:
-            owner = assign_fpn_levels(gt, levels)  # [B, G]: the FPN level of each GT
-        out = []
-        for lvl, (a, fs) in enumerate(zip(anchors, feat_sizes)):
-            if self.level_policy == "assigned" and G > 0:
-                keep = valid & (owner == levels[lvl])  # levels of one stride share their GTs
-                order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-                gt_l = torch.gather(gt, 1, order[..., None].expand(-1, -1, 4))
-                counts_l = keep.sum(dim=1)  # stays on the device: no sync
-            else:
-                gt_l, counts_l = gt, counts
-            out.append(self._mask(a.to(device=device, dtype=gt.dtype), gt_l, counts_l, tuple(fs)))
-        return out
+        """The imitation mask of every level (bool [B, H_l, W_l]) under this distiller's settings."""
+        return imitation_masks(anchors, boxes, feat_sizes, image_size, mask_mode=self.mask_mode,
+                               level_policy=self.level_policy, thresh=self.thresh, offset=self.offset)
 
-    def _mask(self, anchors: Tensor, gt: Tensor, counts: Tensor, feat_size) -> Tensor:
-        B, (H, W) = gt.shape[0], feat_size
-        if self.mask_mode == "full":
-            return torch.ones(B, H, W, dtype=torch.bool, device=gt.device)
-        if self.mask_mode == "fgfi":
-            return ops.imitation_mask(anchors, gt, counts, (H, W), thresh=self.thresh, offset=self.offset)
-        # gt_box: a location is on if its centre (the mean centre of its anchors) is inside a GT box
-        centres = anchors.view(H * W, -1, 4).mean(dim=1)
-        cx = ((centres[:, 0] + centres[:, 2]) / 2)[None, :, None]
-        cy = ((centres[:, 1] + centres[:, 3]) / 2)[None, :, None]
-        g = gt[:, None, :, :]
-        inside = (cx >= g[..., 0]) & (cx <= g[..., 2]) & (cy >= g[..., 1]) & (cy <= g[..., 3])
-        valid = torch.arange(gt.shape[1], device=gt.device)[None, None, :] < counts.to(gt.device)[:, None, None]
-        return (inside & valid).any(dim=2).view(B, H, W)
+
+def imitation_masks(anchors: Sequence[Tensor], boxes: Sequence[Tensor], feat_sizes, image_size, *,
+                    mask_mode: str = "fgfi", level_policy: str = "assigned", thresh: float = 0.5,
+                    offset: float = 0.0) -> list:
+    """The imitation mask of every level: bool [B, H_l, W_l] each.
+
+    ``anchors``: [H_l*W_l*K, 4] per level (shared by the batch); ``boxes``: one [n_i, 4] tensor per
+    image, in the coordinates of the padded batch of size ``image_size`` (H, W), from which each
+    level's stride, hence its FPN level, is inferred.
+    """
+    B = len(boxes)
+    device = anchors[0].device
+    G = max((len(b) for b in boxes), default=0)
+    gt = torch.zeros(B, G, 4, device=device)
+    counts = torch.tensor([len(b) for b in boxes], dtype=torch.long)
+    for i, b in enumerate(boxes):
+        gt[i, : len(b)] = b.detach().to(device=device, dtype=gt.dtype)
+    strides = [image_size[0] / fs[0] for fs in feat_sizes]
+    levels = [int(round(math.log2(s))) for s in strides]
+    valid = torch.arange(G, device=device)[None, :] < counts.to(device)[:, None]
+    if level_policy == "assigned" and G > 0:
+        owner = assign_fpn_levels(gt, levels)  # [B, G]: the FPN level of each GT
+    out = []
+    for lvl, (a, fs) in enumerate(zip(anchors, feat_sizes)):
+        if level_policy == "assigned" and G > 0:
+            keep = valid & (owner == levels[lvl])  # levels of one stride share their GTs
+            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+            gt_l = torch.gather(gt, 1, order[..., None].expand(-1, -1, 4))
+            counts_l = keep.sum(dim=1)  # stays on the device: no sync
+        else:
+            gt_l, counts_l = gt, counts
+        out.append(_mask(a.to(device=device, dtype=gt.dtype), gt_l, counts_l, tuple(fs),
+                         mask_mode, thresh, offset))
+    return out
+
+
+def _mask(anchors: Tensor, gt: Tensor, counts: Tensor, feat_size, mask_mode, thresh, offset) -> Tensor:
+    B, (H, W) = gt.shape[0], feat_size
+    if mask_mode == "full":
+        return torch.ones(B, H, W, dtype=torch.bool, device=gt.device)
+    if mask_mode == "fgfi":
+        return ops.imitation_mask(anchors, gt, counts, (H, W), thresh=thresh, offset=offset)
+    # gt_box: a location is on if its centre (the mean centre of its anchors) is inside a GT box
+    centres = anchors.view(H * W, -1, 4).mean(dim=1)
+    cx = ((centres[:, 0] + centres[:, 2]) / 2)[None, :, None]
+    cy = ((centres[:, 1] + centres[:, 3]) / 2)[None, :, None]
+    g = gt[:, None, :, :]
+    inside = (cx >= g[..., 0]) & (cx <= g[..., 2]) & (cy >= g[..., 1]) & (cy <= g[..., 3])
+    valid = torch.arange(gt.shape[1], device=gt.device)[None, None, :] < counts.to(gt.device)[:, None, None]
+    return (inside & valid).any(dim=2).view(B, H, W)

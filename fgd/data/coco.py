@@ -1,0 +1,308 @@
+"""COCO-format detection data for torchvision detectors, plus the transforms and the sampler that
+keep training bit-identical across a resume: no random decision here draws from a global RNG; each
+is a pure function of (seed, epoch, index)."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from numbers import Real
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["CocoDetection", "collate_fn", "Compose", "RandomHorizontalFlip", "ResumableSampler"]
+
+log = logging.getLogger("fgd.data")
+
+
+def _mix(*values: int) -> int:
+    """A well-mixed 64-bit integer from a few integers (negative ones wrap), for seeding."""
+    state = np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(2, np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+# ---- the data set -----------------------------------------------------------------------------
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images and boxes of a COCO json, as torchvision detectors take them.
+
+    ``dataset[i]`` is ``(image, target)``: image float32 [3, H, W] in [0, 1]; target ``boxes``
+    float32 [n, 4] (x1, y1, x2, y2), ``labels`` int64 [n] in 1..K (0 is the background),
+    ``image_id`` (the COCO id), ``area`` float32 [n], ``iscrowd`` int64 [n] (zeros: crowd regions
+    are left out), ``orig_size`` (H, W). ``transforms(image, target, index)`` runs last.
+
+    Boxes are clipped to the image; unusable ones are dropped and counted in ``skipped``. Images
+    whose file is missing are dropped too (``on_bad="skip"``) or raise (``on_bad="error"``).
+    """
+
+    def __init__(self, image_dir, ann_file, transforms=None, on_bad: str = "skip"):
+        if on_bad not in ("skip", "error"):
+            raise ValueError(f"CocoDetection: on_bad must be 'skip' or 'error', got {on_bad!r}")
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"CocoDetection: image_dir {image_dir} is not a directory")
+        self.image_dir, self.ann_file, self.transforms = str(image_dir), str(ann_file), transforms
+        data = _load_json(self.ann_file)
+
+        from pycocotools.coco import COCO
+
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            self.coco.createIndex()
+
+        cat_ids = sorted(self.coco.cats)
+        self.cat_id_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
+        self.label_to_cat_id = {i: c for c, i in self.cat_id_to_label.items()}
+        self.class_names = ["__background__"] + [str(self.coco.cats[c].get("name", c)) for c in cat_ids]
+        self.num_classes = len(cat_ids) + 1
+
+        self.skipped = collections.Counter()
+        self.ids, self._files, self._targets = [], [], []
+        missing = []
+        for img in data["images"]:
+            path = os.path.join(self.image_dir, img["file_name"])
+            if not os.path.exists(path):
+                if on_bad == "error":
+                    raise FileNotFoundError(f"{self.ann_file}: image {img['id']} has no file {path}")
+                missing.append(path)
+                continue
+            self.ids.append(img["id"])
+            self._files.append(path)
+            self._targets.append(self._boxes(img))
+        if missing:
+            self.skipped["missing_image"] = len(missing)
+            log.warning("%s: %d of %d images have no file under %s and are skipped (first: %s)",
+                        self.ann_file, len(missing), len(data["images"]), self.image_dir, ", ".join(missing[:3]))
+        dropped = {k: v for k, v in self.skipped.items() if k != "missing_image"}
+        if dropped:
+            log.warning("%s: dropped %d annotations (%s)", self.ann_file, sum(dropped.values()),
+                        ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())))
+
+    def _boxes(self, img: dict) -> tuple:
+        """(boxes [n, 4] xyxy, labels [n], area [n]) of one image, as numpy arrays."""
+        w_img, h_img = img["width"], img["height"]
+        boxes, labels, areas = [], [], []
+        for ann in self.coco.imgToAnns.get(img["id"], []):
+            if ann.get("iscrowd", 0):
+                continue  # crowd regions are for evaluation (ignored matches), not training targets
+            x, y, w, h = ann["bbox"]
+            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+                self.skipped["bad_box"] += 1
+                continue
+            if w == 0 or h == 0:
+                self.skipped["zero_size_box"] += 1
+                continue
+            x1, y1 = min(max(x, 0.0), w_img), min(max(y, 0.0), h_img)
+            x2, y2 = min(max(x + w, 0.0), w_img), min(max(y + h, 0.0), h_img)
+            if x2 <= x1 or y2 <= y1:
+                self.skipped["box_outside_image"] += 1
+                continue
+            boxes.append((x1, y1, x2, y2))
+            labels.append(self.cat_id_to_label[ann["category_id"]])
+            area = ann.get("area")  # COCOeval's size ranges use this field, so keep it when present
+            areas.append(area if isinstance(area, Real) and math.isfinite(area) else (x2 - x1) * (y2 - y1))
+        return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
+                np.asarray(areas, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        path = self._files[index]
+        try:
+            with Image.open(path) as im:
+                pixels = np.array(im.convert("RGB"))
+        except Exception as e:  # PIL raises several types for a broken file
+            raise RuntimeError(f"cannot decode image {path} (COCO id {self.ids[index]}): {e}") from e
+        h, w = pixels.shape[:2]
+        info = self.coco.imgs[self.ids[index]]
+        if (h, w) != (info["height"], info["width"]):
+            # boxes were clipped to the json's size; a different file would misplace them
+            raise RuntimeError(f"image {path} is {w}x{h} but {self.ann_file} says "
+                               f"{info['width']}x{info['height']}")
+        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div_(255)
+        boxes, labels, area = self._targets[index]
+        target = {"boxes": torch.from_numpy(boxes.copy()), "labels": torch.from_numpy(labels.copy()),
+                  "image_id": self.ids[index], "area": torch.from_numpy(area.copy()),
+                  "iscrowd": torch.zeros(len(labels), dtype=torch.int64), "orig_size": (h, w)}
+        if self.transforms is not None:
+            image, target = self.transforms(image, target, index)
+        return image, target
+
+
+def _load_json(path: str) -> dict:
+    """The parsed json, checked enough that every later access is safe; ValueError naming the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"COCO annotation file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"COCO annotation file {path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"COCO annotation file {path} cannot be read: {e}") from None
+
+    def bad(what):
+        return ValueError(f"COCO annotation file {path}: {what}")
+
+    if not isinstance(data, dict):
+        raise bad(f"the top level must be an object, got {type(data).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise bad(f"missing key(s) {', '.join(repr(k) for k in missing)}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise bad(f"{key!r} must be a list, got {type(data[key]).__name__}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, Real) and not isinstance(v, bool)
+
+    cats, images = set(), set()
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not is_int(c.get("id")):
+            raise bad(f"categories[{i}] must be an object with an integer 'id'")
+        if c["id"] in cats:
+            raise bad(f"category id {c['id']} appears twice")
+        cats.add(c["id"])
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not is_int(im.get("id")) or not isinstance(im.get("file_name"), str):
+            raise bad(f"images[{i}] must be an object with an integer 'id' and a string 'file_name'")
+        if not (is_num(im.get("width")) and is_num(im.get("height")) and im["width"] > 0 and im["height"] > 0):
+            raise bad(f"images[{i}] (id {im['id']}) needs positive numbers 'width' and 'height'")
+        if im["id"] in images:
+            raise bad(f"image id {im['id']} appears twice")
+        images.add(im["id"])
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or not all(is_int(a.get(k)) for k in ("id", "image_id", "category_id")):
+            raise bad(f"annotations[{i}] must be an object with integers 'id', 'image_id', 'category_id'")
+        box = a.get("bbox")
+        if not isinstance(box, list) or len(box) != 4 or not all(is_num(v) for v in box):
+            raise bad(f"annotations[{i}] (id {a['id']}): 'bbox' must be a list of 4 numbers, got {box!r}")
+        if a["image_id"] not in images:
+            raise bad(f"annotations[{i}] (id {a['id']}) refers to image {a['image_id']}, which is not in 'images'")
+        if a["category_id"] not in cats:
+            raise bad(f"annotations[{i}] (id {a['id']}) has category {a['category_id']}, "
+                      f"which is not in 'categories'")
+    return data
+
+
+def collate_fn(batch):
+    """Detectors take lists (images differ in size): [(image, target), ...] -> (images, targets)."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+# ---- transforms -------------------------------------------------------------------------------
+
+class Compose:
+    """Applies ``transforms`` in order as ``t(image, target, index)``; ``set_epoch`` reaches each."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def set_epoch(self, epoch: int) -> None:
+        for t in self.transforms:
+            if hasattr(t, "set_epoch"):
+                t.set_epoch(epoch)
+
+    def __call__(self, image, target, index):
+        for t in self.transforms:
+            image, target = t(image, target, index)
+        return image, target
+
+    def __repr__(self):
+        return f"Compose({self.transforms!r})"
+
+
+class RandomHorizontalFlip:
+    """Mirrors an image [C, H, W] and its boxes with probability ``p``.
+
+    The decision is a pure function of (seed, epoch, index): the same sample flips the same way in
+    a resumed run, in any DataLoader worker, whatever else drew random numbers.
+    """
+
+    def __init__(self, p: float = 0.5, seed: int = 0):
+        if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomHorizontalFlip: p must be a probability in [0, 1], got {p!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"RandomHorizontalFlip: seed must be an integer, got {seed!r}")
+        self.p, self.seed, self.epoch = float(p), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def flips(self, index: int) -> bool:
+        return _mix(self.seed, self.epoch, index) / 2**64 < self.p
+
+    def __call__(self, image, target, index):
+        if not self.flips(index):
+            return image, target
+        width = image.shape[-1]
+        target = dict(target)  # the caller's dict stays as it was
+        boxes = target["boxes"]
+        target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image.flip(-1), target
+
+    def __repr__(self):
+        return f"RandomHorizontalFlip(p={self.p}, seed={self.seed})"
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """This rank's indices of one epoch, in an order fixed by (seed, epoch) alone.
+
+    Sharded like DistributedSampler: the epoch's order is padded by wrapping around (or cut, with
+    ``drop_last``) to a multiple of ``world_size``, and rank r takes positions r, r + world_size, ...
+    ``set_start(n)`` skips the first n indices of the next iteration only (resuming mid-epoch).
+    """
+
+    def __init__(self, dataset_len: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False):
+        for name, value, low in (("dataset_len", dataset_len, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"ResumableSampler: {name} must be an integer >= {low}, got {value!r}")
+        if rank >= world_size:
+            raise ValueError(f"ResumableSampler: rank must be < world_size ({world_size}), got {rank}")
+        self.dataset_len, self.shuffle, self.seed = int(dataset_len), bool(shuffle), int(seed)
+        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
+        self.epoch, self.start = 0, 0
+        if drop_last:
+            self.num_samples = self.dataset_len // self.world_size
+        else:
+            self.num_samples = math.ceil(self.dataset_len / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_start(self, position: int) -> None:
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) \
+                or not 0 <= position <= self.num_samples:
+            raise ValueError(f"ResumableSampler.set_start: position must be an integer in "
+                             f"[0, {self.num_samples}], got {position!r}")
+        self.start = int(position)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(self.dataset_len, generator=g).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.world_size
+        if order and total > len(order):
+            order = (order * math.ceil(total / len(order)))[:total]
+        mine = order[:total][self.rank::self.world_size]
+        start, self.start = self.start, 0  # the skip is for this one (resumed) pass
+        return iter(mine[start:])

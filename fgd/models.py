@@ -1,0 +1,62 @@
+"""Detector architectures by name, for the training application (random init, no downloads).
+
+Every architecture is a torchvision ``FasterRCNN`` or ``RetinaNet`` on a ResNet/MobileNetV3 FPN
+backbone, sized for small images: the default heads are small (a 256-wide box head, 128 RoIs per
+image) since torchvision's 1024-wide head dominates the step time at 128 px.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+ARCHS = ("resnet18-fpn", "resnet34-fpn", "resnet50-fpn", "mobilenet_v3-fpn")
+DETECTORS = ("fasterrcnn", "retinanet")
+
+
+def fpn_backbone(arch: str, fpn_channels: int) -> nn.Module:
+    """An FPN backbone with levels at strides 8, 16, 32 (ResNet layer2-4) plus a max-pool level at 64;
+    MobileNetV3: torchvision's two coarse levels plus the pool level."""
+    from torchvision.models import mobilenet_v3_large, resnet
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor
+
+    if arch == "mobilenet_v3-fpn":
+        return _mobilenet_extractor(mobilenet_v3_large(weights=None), True, 6)
+    builders = {"resnet18-fpn": (resnet.resnet18, [128, 256, 512]),
+                "resnet34-fpn": (resnet.resnet34, [128, 256, 512]),
+                "resnet50-fpn": (resnet.resnet50, [512, 1024, 2048])}
+    if arch not in builders:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
+    build, channels = builders[arch]
+    return BackboneWithFPN(build(weights=None), {"layer2": "0", "layer3": "1", "layer4": "2"}, channels,
+                           fpn_channels)
+
+
+def build_detector(arch: str, num_classes: int, image_size: int = 128, *, detector: str = "fasterrcnn",
+                   fpn_channels: int = 128, anchor_sizes=(16, 32, 64, 128), box_head: int = 256,
+                   rois_per_image: int = 128) -> nn.Module:
+    """A torchvision detector whose transform resizes images to ``image_size`` (shorter side, and at
+    most ``image_size * 5 / 3`` on the longer, as 600 / 1000 in the paper's setting)."""
+    from torchvision.models.detection import FasterRCNN, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose one of {DETECTORS}")
+    backbone = fpn_backbone(arch, fpn_channels)
+    names = [n for n in ("0", "1", "2")][: 3 if arch != "mobilenet_v3-fpn" else 2]
+    levels = len(names) + 1  # + the max-pool level
+    sizes = tuple(anchor_sizes)
+    if len(sizes) < levels:  # one size per level, doubling on the coarser ones
+        sizes = sizes + tuple(sizes[-1] * 2 ** (i + 1) for i in range(levels - len(sizes)))
+    sizes = sizes[-levels:] if arch == "mobilenet_v3-fpn" else sizes[:levels]
+    common = dict(min_size=image_size, max_size=int(round(image_size * 5 / 3)))
+    if detector == "retinanet":
+        gen = AnchorGenerator(tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes),
+                              ((0.5, 1.0, 2.0),) * levels)
+        return RetinaNet(backbone, num_classes, anchor_generator=gen, **common)
+    gen = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * levels)
+    out = backbone.out_channels
+    return FasterRCNN(
+        backbone, None, rpn_anchor_generator=gen, box_roi_pool=MultiScaleRoIAlign(names, 7, 2),
+        box_head=TwoMLPHead(out * 49, box_head), box_predictor=FastRCNNPredictor(box_head, num_classes),
+        rpn_batch_size_per_image=128, box_batch_size_per_image=rois_per_image, **common)

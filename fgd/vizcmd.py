@@ -1,0 +1,59 @@
+"""`fgd viz`: the imitation masks a distiller would use, over the images it would see."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .distill import _anchor_generator, imitation_masks
+
+
+@torch.no_grad()
+def sample_masks(model, images, targets, *, mask_mode="fgfi", level_policy="assigned", thresh=0.5):
+    """(display images [B, 3, H, W] in [0, 1] at the padded model resolution, masks per level
+    [B, h, w], GT boxes per image in that resolution) for a torchvision detector's anchors."""
+    model.eval()
+    image_list, tt = model.transform(list(images), [dict(t) for t in targets])
+    feats = list(model.backbone(image_list.tensors).values())
+    gen = _anchor_generator(model)
+    shapes = [torch.empty((1, 1, *f.shape[-2:]), device=f.device) for f in feats]
+    anchors = gen(image_list, shapes)[0]
+    anchors = list(anchors.split([f.shape[-2] * f.shape[-1] * k for f, k in zip(feats, gen.num_anchors_per_location())]))
+    boxes = [t["boxes"] for t in tt]
+    masks = imitation_masks(anchors, boxes, [f.shape[-2:] for f in feats], image_list.tensors.shape[-2:],
+                            mask_mode=mask_mode, level_policy=level_policy, thresh=thresh)
+    mean = torch.tensor(model.transform.image_mean, device=image_list.tensors.device)[:, None, None]
+    std = torch.tensor(model.transform.image_std, device=image_list.tensors.device)[:, None, None]
+    shown = (image_list.tensors * std + mean).clamp(0, 1)
+    return shown, masks, boxes
+
+
+def visualise(args) -> list:
+    from .data import CocoDetection
+    from .engine import load_detector
+    from .models import build_detector
+    from .viz import draw_detections, overlay_masks
+
+    ds = CocoDetection(args.images, args.json)
+    if args.checkpoint:
+        model, _, _ = load_detector(args.checkpoint)
+    else:
+        if args.detections:
+            raise SystemExit("fgd viz: --detections needs --checkpoint")
+        model = build_detector(args.arch, ds.num_classes, args.image_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(min(args.num, len(ds))):
+        image, target = ds[i]
+        shown, masks, boxes = sample_masks(model, [image], [target], mask_mode=args.mask_mode,
+                                           level_policy=args.level_policy, thresh=args.thresh)
+        name = f"{target['image_id']:06d}"
+        paths.append(overlay_masks(shown[0], [m[0] for m in masks], out / f"{name}_masks.png", boxes=boxes[0],
+                                   labels=target["labels"], class_names=ds.class_names,
+                                   title=f"image {target['image_id']}"))
+        if args.detections:
+            det = model([image])[0]
+            paths.append(draw_detections(image, det["boxes"], det["labels"], det["scores"],
+                                         out / f"{name}_detections.png", class_names=ds.class_names))
+    return paths

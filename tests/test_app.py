@@ -1,0 +1,172 @@
+"""The `fgd` application: demo, train (resume, DDP, AMP, configs), eval, viz."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fgd import cli
+from fgd.data import make_shapes_dataset
+from fgd.engine import TrainConfig, load_latest, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    tj, ti = make_shapes_dataset(root, 24, image_size=64, seed=0, split="train")
+    vj, vi = make_shapes_dataset(root, 8, image_size=64, seed=0, split="val")
+    return dict(train_json=tj, train_images=ti, val_json=vj, val_images=vi)
+
+
+def quick(shapes, out, **kw):
+    cfg = dict(shapes, output_dir=str(out), image_size=64, batch_size=4, iterations=4, checkpoint_every=2,
+               log_every=1, lr_warmup_iters=2, threads=1, progress=False, student_fpn_channels=32, distill=False)
+    cfg.update(kw)
+    return TrainConfig(**cfg)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = quick(shapes, out, student_arch="resnet34-fpn", student_fpn_channels=48, val_json=None, val_images=None)
+    return train(cfg)["final"]
+
+
+def test_demo_quick_writes_the_table_and_pictures(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| teacher") or line.startswith("| student")]
+    assert len(rows) == 3 and any("FGFI" in r for r in rows)
+    for name in ("results.md", "results.csv", "loss_curves.png", "map.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert len(list((tmp_path / "masks").glob("*_masks.png"))) >= 1
+    # a rerun reuses the finished runs
+    t0 = time.perf_counter()
+    cli.main(["demo", "--quick", "--out", str(tmp_path), "--threads", "2"])
+    assert "cached" in capsys.readouterr().out
+    assert time.perf_counter() - t0 < 30
+
+
+def test_distilled_training_logs_levels_and_evaluates(shapes, teacher_ckpt, tmp_path):
+    cfg = quick(shapes, tmp_path, distill=True, teacher_checkpoint=teacher_ckpt, imitation_warmup=1)
+    result = train(cfg)
+    assert set(result["metrics"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "img/s"}
+    log = (tmp_path / "log.csv").read_text().splitlines()
+    header = log[0].split(",")
+    assert {"iteration", "loss", "loss_imitation", "imitation_l0", "num_pos_l0", "images_per_s"} <= set(header)
+    assert len(log) == 1 + 4
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["resolved_imitation_warmup"] == 1 and saved["teacher_checkpoint"] == teacher_ckpt
+    assert len(list((tmp_path / "checkpoints").glob("ckpt_*.pt"))) == cfg.keep_checkpoints
+
+
+def _train_cmd(shapes, out, teacher, iterations):
+    return [sys.executable, "-m", "fgd.cli", "train", "--train-json", shapes["train_json"],
+            "--train-images", shapes["train_images"], "--output-dir", str(out), "--image-size", "64",
+            "--batch-size", "4", "--iterations", str(iterations), "--checkpoint-every", "4", "--log-every", "1",
+            "--threads", "1", "--student-fpn-channels", "32", "--teacher-checkpoint", teacher,
+            "--imitation-warmup", "2", "--resume", "--no-progress"]
+
+
+def test_sigkill_and_resume_is_bit_identical(shapes, teacher_ckpt, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_train_cmd(shapes, whole, teacher_ckpt, 16), check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_train_cmd(shapes, killed, teacher_ckpt, 16), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoints" / "ckpt_00000008.pt"  # 6 batches an epoch: iteration 8 is mid-epoch 1
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "final.pt").exists()
+    r = subprocess.run(_train_cmd(shapes, killed, teacher_ckpt, 16), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    a = torch.load(whole / "final.pt", weights_only=False)["student"]
+    b = torch.load(killed / "final.pt", weights_only=False)["student"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    la = (whole / "log.csv").read_text().splitlines()
+    lb = (killed / "log.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in la] == [r.split(",")[:2] for r in lb]  # iteration, loss
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(shapes, tmp_path, caplog):
+    train(quick(shapes, tmp_path, iterations=4, checkpoint_every=2))
+    ckpts = sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))
+    ckpts[-1].write_bytes(b"not a checkpoint")
+    path, state = load_latest(tmp_path / "checkpoints")
+    assert path == ckpts[-2] and state["iteration"] == 2
+    assert "unreadable" in caplog.text and ckpts[-1].name in caplog.text
+
+
+def test_amp_bf16_runs(shapes, tmp_path):
+    result = train(quick(shapes, tmp_path, amp="bf16", iterations=2, val_json=None, val_images=None))
+    assert Path(result["final"]).exists()
+
+
+def test_two_process_ddp_on_gloo(shapes, teacher_ckpt, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           "-m", "fgd.cli", "train", "--train-json", shapes["train_json"], "--train-images", shapes["train_images"],
+           "--val-json", shapes["val_json"], "--val-images", shapes["val_images"], "--output-dir", str(tmp_path),
+           "--image-size", "64", "--batch-size", "2", "--iterations", "4", "--checkpoint-every", "2",
+           "--threads", "1", "--student-fpn-channels", "32", "--teacher-checkpoint", teacher_ckpt,
+           "--imitation-warmup", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert (tmp_path / "final.pt").exists() and (tmp_path / "metrics.json").exists()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["AP"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "voc.yaml"])
+def test_shipped_configs_run_on_the_shapes_data(name, shapes, teacher_ckpt, tmp_path, capsys):
+    # the config's structure (every key valid, the recipe's settings) with the data and sizes swapped
+    overrides = ["--train-json", shapes["train_json"], "--train-images", shapes["train_images"],
+                 "--val-json", shapes["val_json"], "--val-images", shapes["val_images"],
+                 "--output-dir", str(tmp_path), "--image-size", "64", "--iterations", "2", "--batch-size", "2",
+                 "--checkpoint-every", "2", "--teacher-checkpoint", teacher_ckpt, "--student-fpn-channels", "32",
+                 "--num-workers", "0", "--no-progress", "--threads", "1"]
+    assert cli.main(["train", "--config", str(ROOT / "configs" / name), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "imitation warm-up =" in out and (tmp_path / "final.pt").exists()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["level_policy"] == "assigned" and saved["imitation_weight"] == 0.01
+
+
+def test_eval_and_viz_commands(shapes, teacher_ckpt, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert cli.main(["eval", teacher_ckpt, "--json", shapes["val_json"], "--images", shapes["val_images"],
+                     "--out", str(out), "--device", "cpu"]) == 0
+    assert "Average Precision" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())) >= {"AP", "AP50", "img/s"}
+    viz = tmp_path / "viz"
+    assert cli.main(["viz", "--json", shapes["val_json"], "--images", shapes["val_images"], "--out", str(viz),
+                     "--checkpoint", teacher_ckpt, "--num", "2", "--detections"]) == 0
+    from PIL import Image
+
+    pngs = sorted(viz.glob("*.png"))
+    assert len(pngs) == 4
+    with Image.open(next(p for p in pngs if p.name.endswith("_detections.png"))) as im:
+        assert im.size == (64, 64)
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_json: a.json\ntrain_images: imgs\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit, match=r"unknown config keys \['learning_rate'\]"):
+        cli.main(["train", "--config", str(bad)])
+    with pytest.raises(SystemExit, match="distillation needs teacher_checkpoint or teacher_arch"):
+        cli.main(["train", "--train-json", "a.json", "--train-images", "imgs"])
