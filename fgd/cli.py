@@ -115,12 +115,6 @@ def cmd_demo(args):
              student_arch=args.student_arch, force=args.force)
 
 
-def cmd_bench(args):
-    from .bench import main
-
-    return main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .engine import TrainConfig
 
@@ -172,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--mask-mode", default="fgfi")
     v.set_defaults(func=cmd_viz)
 
-    b = sub.add_parser("bench", help="the kernel benchmarks (fgd.bench)", add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
+    sub.add_parser("bench", help="the kernel benchmarks (fgd.bench; `fgd bench --help` for its options)")
     return p
 
 
@@ -186,6 +178,11 @@ def _cuda() -> bool:
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to fgd.bench's own parser
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args) or 0
 

@@ -170,3 +170,17 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
         cli.main(["train", "--config", str(bad)])
     with pytest.raises(SystemExit, match="distillation needs teacher_checkpoint or teacher_arch"):
         cli.main(["train", "--train-json", "a.json", "--train-images", "imgs"])
+
+
+def test_teacher_from_scratch_when_no_checkpoint_is_given(shapes, tmp_path):
+    cfg = quick(shapes, tmp_path, distill=True, teacher_arch="resnet18-fpn", teacher_fpn_channels=32,
+                teacher_iterations=2, iterations=2, val_json=None, val_images=None)
+    train(cfg)
+    assert (tmp_path / "teacher" / "final.pt").exists() and (tmp_path / "final.pt").exists()
+    teacher_log = (tmp_path / "teacher" / "log.csv").read_text()
+    assert "loss_imitation" not in teacher_log  # the teacher trains alone
+
+
+def test_bench_subcommand_passes_its_options_through(capsys):
+    assert cli.main(["bench", "--quick", "--no-compile", "--repeat", "1"]) == 0
+    assert "| imitation_loss |" in capsys.readouterr().out
