@@ -16,6 +16,8 @@ from fgd.data import make_shapes_dataset
 from fgd.engine import TrainConfig, load_latest, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses run outside the source tree (cwd=tmp_path): `python -m` puts the working directory
+# first on sys.path, and the source tree's fgd/ has no compiled extension after `pip install .`.
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,10 @@ def _train_cmd(shapes, out, teacher, iterations):
 def test_sigkill_and_resume_is_bit_identical(shapes, teacher_ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_train_cmd(shapes, whole, teacher_ckpt, 16), check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(_train_cmd(shapes, whole, teacher_ckpt, 16), check=True, env=env, capture_output=True, timeout=600,
+                   cwd=tmp_path)
     proc = subprocess.Popen(_train_cmd(shapes, killed, teacher_ckpt, 16), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, cwd=tmp_path)
     ckpt = killed / "checkpoints" / "ckpt_00000008.pt"  # 6 batches an epoch: iteration 8 is mid-epoch 1
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -90,7 +93,8 @@ def test_sigkill_and_resume_is_bit_identical(shapes, teacher_ckpt, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "final.pt").exists()
-    r = subprocess.run(_train_cmd(shapes, killed, teacher_ckpt, 16), env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_train_cmd(shapes, killed, teacher_ckpt, 16), env=env, capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
     a = torch.load(whole / "final.pt", weights_only=False)["student"]
@@ -124,7 +128,7 @@ def test_two_process_ddp_on_gloo(shapes, teacher_ckpt, tmp_path):
            "--threads", "1", "--student-fpn-channels", "32", "--teacher-checkpoint", teacher_ckpt,
            "--imitation-warmup", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert (tmp_path / "final.pt").exists() and (tmp_path / "metrics.json").exists()
     metrics = json.loads((tmp_path / "metrics.json").read_text())

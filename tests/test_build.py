@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -12,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(code, **kw):
+    # outside the source tree: `python -c` puts the working directory first on sys.path, and the
+    # source tree's fgd/ has no compiled extension after a plain `pip install .`
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300, **kw)
+                          text=True, timeout=300, cwd=tempfile.gettempdir(), **kw)
 
 
 def test_broken_extension_gives_an_import_error_that_says_how_to_rebuild():
