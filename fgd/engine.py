@@ -319,7 +319,8 @@ def train(cfg: TrainConfig) -> dict:
             with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 losses = model(images, targets)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
+            # fp16: the GradScaler skips overflowing steps; otherwise a non-finite loss is divergence
+            if cfg.amp != "fp16" and not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss at iteration {it}: { {k: float(v.detach()) for k, v in losses.items()} }; "
                     "lower the learning rate or the imitation weight, or resume from an earlier checkpoint")
