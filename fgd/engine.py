@@ -99,6 +99,15 @@ class TrainConfig:
             raise ValueError(f"config: amp must be bf16, fp16 or unset, got {self.amp!r}")
         if self.lr_schedule not in ("cosine", "step"):
             raise ValueError(f"config: lr_schedule must be cosine or step, got {self.lr_schedule!r}")
+        from .distill import ADAPTERS, LEVEL_POLICIES, MASK_MODES
+        from .models import ARCHS, DETECTORS
+
+        for name, allowed in (("student_arch", ARCHS), ("detector", DETECTORS), ("level_policy", LEVEL_POLICIES),
+                              ("mask_mode", MASK_MODES), ("adapter", ADAPTERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.teacher_arch is not None and self.teacher_arch not in ARCHS:
+            raise ValueError(f"config: teacher_arch must be one of {ARCHS}, got {self.teacher_arch!r}")
         if self.distill and not (self.teacher_checkpoint or self.teacher_arch):
             raise ValueError("config: distillation needs teacher_checkpoint or teacher_arch (or set distill: false)")
         for name in ("iterations", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):

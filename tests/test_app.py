@@ -174,6 +174,10 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
         cli.main(["train", "--config", str(bad)])
     with pytest.raises(SystemExit, match="distillation needs teacher_checkpoint or teacher_arch"):
         cli.main(["train", "--train-json", "a.json", "--train-images", "imgs"])
+    with pytest.raises(SystemExit, match=r"student_arch must be one of \('resnet18-fpn'"):
+        cli.main(["train", "--train-json", "a.json", "--train-images", "imgs", "--no-distill", "--student-arch", "vgg"])
+    with pytest.raises(SystemExit, match="level_policy must be one of"):
+        cli.main(["train", "--train-json", "a.json", "--train-images", "imgs", "--no-distill", "--level-policy", "x"])
 
 
 def test_teacher_from_scratch_when_no_checkpoint_is_given(shapes, tmp_path):
