@@ -132,7 +132,7 @@ def _mask_pictures(cfg: TrainConfig, val_json, val_dir, folder: Path, n: int) ->
                                            level_policy=cfg.level_policy, thresh=cfg.thresh)
         paths.append(overlay_masks(shown[0], [m[0] for m in masks], folder / f"{target['image_id']:06d}_masks.png",
                                    boxes=boxes[0], labels=target["labels"], class_names=ds.class_names,
-                                   title="FGFI imitation masks per FPN level"))
+                                   title="FGFI masks"))
         with torch.no_grad():
             det = student([image])[0]
         paths.append(draw_detections(image, det["boxes"], det["labels"], det["scores"],
