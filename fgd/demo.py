@@ -21,8 +21,9 @@ from .engine import TrainConfig, load_detector, train
 log = logging.getLogger("fgd")
 
 # Sized for about ten minutes on a 2-core CPU (measured: see the README's demo table).
-DEFAULT = dict(train_images=1000, val_images=200, image_size=128, batch_size=8, iterations=300,
-               teacher_iterations=400, teacher_arch="resnet34-fpn", student_arch="resnet18-fpn")
+# Most of the budget goes to the teacher: FGFI can only pass on what the teacher has learnt.
+DEFAULT = dict(train_images=1000, val_images=200, image_size=128, batch_size=8, iterations=150,
+               teacher_iterations=600, teacher_arch="resnet34-fpn", student_arch="resnet18-fpn")
 QUICK = dict(train_images=24, val_images=12, image_size=64, batch_size=4, iterations=6,
              teacher_iterations=8, teacher_arch="resnet34-fpn", student_arch="resnet18-fpn")
 
