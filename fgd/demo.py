@@ -119,23 +119,10 @@ def run_demo(out="runs/demo", quick=False, iterations=None, teacher_iterations=N
 
 def _mask_pictures(cfg: TrainConfig, val_json, val_dir, folder: Path, n: int) -> list:
     from .data import CocoDetection
-    from .viz import draw_detections, overlay_masks
-    from .vizcmd import sample_masks
+    from .vizcmd import write_pictures
 
-    folder.mkdir(parents=True, exist_ok=True)
     ds = CocoDetection(val_dir, val_json)
     student, _, _ = load_detector(Path(cfg.output_dir) / "final.pt")
-    paths = []
     picked = [i for i in range(len(ds)) if len(ds[i][1]["boxes"]) > 0][:n]
-    for i in picked:
-        image, target = ds[i]
-        shown, masks, boxes = sample_masks(student, [image], [target], mask_mode=cfg.mask_mode,
-                                           level_policy=cfg.level_policy, thresh=cfg.thresh)
-        paths.append(overlay_masks(shown[0], [m[0] for m in masks], folder / f"{target['image_id']:06d}_masks.png",
-                                   boxes=boxes[0], labels=target["labels"], class_names=ds.class_names,
-                                   title="FGFI masks"))
-        with torch.no_grad():
-            det = student([image])[0]
-        paths.append(draw_detections(image, det["boxes"], det["labels"], det["scores"],
-                                     folder / f"{target['image_id']:06d}_detections.png", class_names=ds.class_names))
-    return paths
+    return write_pictures(student, ds, picked, folder, mask_mode=cfg.mask_mode, level_policy=cfg.level_policy,
+                          thresh=cfg.thresh, detections=True, title="FGFI masks")

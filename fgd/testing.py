@@ -92,36 +92,12 @@ def fgfi_like_mask(
 
 # ---- tiny torchvision detectors (random weights, no downloads) ---------------------------------
 
-def tiny_fpn_backbone(depth: int = 18, out_channels: int = 64, layers=(2, 3, 4)):
-    """A ResNet-FPN backbone (random weights) with FPN levels at the strides of the given ResNet
-    stages (layer2: 8, layer3: 16, layer4: 32) and a max-pool level at twice the last stride."""
-    from torchvision.models import resnet
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
-
-    body = {18: resnet.resnet18, 34: resnet.resnet34}[depth](weights=None)
-    channels = {1: 64, 2: 128, 3: 256, 4: 512}
-    return_layers = {f"layer{k}": str(i) for i, k in enumerate(layers)}
-    return BackboneWithFPN(body, return_layers, [channels[k] for k in layers], out_channels)
-
-
 def tiny_detector(kind: str = "fasterrcnn", depth: int = 18, out_channels: int = 64, num_classes: int = 4,
                   image_size: int = 96, layers=(2, 3, 4)):
-    """A small torchvision Faster R-CNN or RetinaNet on tiny_fpn_backbone, for tests and demos."""
-    from torchvision.models.detection import FasterRCNN, RetinaNet
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.ops import MultiScaleRoIAlign
+    """fgd.models.build_detector with small heads, for tests and quick benchmarks: ResNet-``depth``
+    FPN on the given stages (layer2: stride 8) plus a pool level, anchors 8 px at stride 8, doubling."""
+    from .models import build_detector
 
-    backbone = tiny_fpn_backbone(depth, out_channels, layers)
-    sizes = tuple((8 * 2 ** (k - 2),) for k in layers) + ((16 * 2 ** (layers[-1] - 2),),)
-    common = dict(min_size=image_size, max_size=image_size)
-    if kind == "retinanet":
-        anchors = AnchorGenerator(tuple((s[0], int(s[0] * 1.26), int(s[0] * 1.59)) for s in sizes),
-                                  ((0.5, 1.0, 2.0),) * len(sizes))
-        return RetinaNet(backbone, num_classes, anchor_generator=anchors, **common)
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    return FasterRCNN(
-        backbone, None, rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(len(layers))], 7, 2),
-        box_head=TwoMLPHead(out_channels * 49, 128), box_predictor=FastRCNNPredictor(128, num_classes),
-        rpn_batch_size_per_image=64, box_batch_size_per_image=64, **common)
+    return build_detector(f"resnet{depth}-fpn", num_classes, image_size, detector=kind, fpn_channels=out_channels,
+                          anchor_sizes=tuple(8 * 2 ** (k - 2) for k in layers), box_head=128, rois_per_image=64,
+                          rpn_samples=64, layers=tuple(layers))

@@ -28,11 +28,35 @@ def sample_masks(model, images, targets, *, mask_mode="fgfi", level_policy="assi
     return shown, masks, boxes
 
 
+def write_pictures(model, ds, indices, folder, *, mask_mode="fgfi", level_policy="assigned", thresh=0.5,
+                   detections=False, title=None) -> list:
+    """For each dataset index: <id>_masks.png (the image and every level's mask, GT boxes drawn) and,
+    with ``detections``, <id>_detections.png (the model's detections on the original image)."""
+    from .viz import draw_detections, overlay_masks
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in indices:
+        image, target = ds[i]
+        shown, masks, boxes = sample_masks(model, [image], [target], mask_mode=mask_mode,
+                                           level_policy=level_policy, thresh=thresh)
+        name = f"{target['image_id']:06d}"
+        paths.append(overlay_masks(shown[0], [m[0] for m in masks], folder / f"{name}_masks.png", boxes=boxes[0],
+                                   labels=target["labels"], class_names=ds.class_names,
+                                   title=title or f"image {target['image_id']}"))
+        if detections:
+            with torch.no_grad():
+                det = model([image])[0]
+            paths.append(draw_detections(image, det["boxes"], det["labels"], det["scores"],
+                                         folder / f"{name}_detections.png", class_names=ds.class_names))
+    return paths
+
+
 def visualise(args) -> list:
     from .data import CocoDetection
     from .engine import load_detector
     from .models import build_detector
-    from .viz import draw_detections, overlay_masks
 
     ds = CocoDetection(args.images, args.json)
     if args.checkpoint:
@@ -41,19 +65,5 @@ def visualise(args) -> list:
         if args.detections:
             raise SystemExit("fgd viz: --detections needs --checkpoint")
         model = build_detector(args.arch, ds.num_classes, args.image_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(min(args.num, len(ds))):
-        image, target = ds[i]
-        shown, masks, boxes = sample_masks(model, [image], [target], mask_mode=args.mask_mode,
-                                           level_policy=args.level_policy, thresh=args.thresh)
-        name = f"{target['image_id']:06d}"
-        paths.append(overlay_masks(shown[0], [m[0] for m in masks], out / f"{name}_masks.png", boxes=boxes[0],
-                                   labels=target["labels"], class_names=ds.class_names,
-                                   title=f"image {target['image_id']}"))
-        if args.detections:
-            det = model([image])[0]
-            paths.append(draw_detections(image, det["boxes"], det["labels"], det["scores"],
-                                         out / f"{name}_detections.png", class_names=ds.class_names))
-    return paths
+    return write_pictures(model, ds, range(min(args.num, len(ds))), args.out, mask_mode=args.mask_mode,
+                          level_policy=args.level_policy, thresh=args.thresh, detections=args.detections)

@@ -1,5 +1,4 @@
 """The `fgd` application: demo, train (resume, DDP, AMP, configs), eval, viz."""
-import dataclasses
 import json
 import os
 import signal
