@@ -29,7 +29,8 @@ def _want_cuda():
 
 
 def extension():
-    sources = ["csrc/fgd.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/fgd.cpp", "csrc/masked_adapt.cpp", "csrc/python_module.cpp"]
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fvisibility=hidden"]
     link = []
     if sys.platform.startswith("linux"):

@@ -27,6 +27,24 @@ void check_same_device(const at::Tensor& a, const char* na, const at::Tensor& b,
                     " must be on the same device, got ", a.device(), " and ", b.device());
 }
 
+// mask [B, H, W] of the student [B, C, H, W]: bool or non-negative floating weights.
+void check_mask(const at::Tensor& mask, const at::Tensor& student, const char* op) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()), "fgd.",
+                   op, ": mask must be a bool tensor or a floating-point tensor of per-location ",
+                   "weights, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 3 && mask.size(0) == student.size(0) &&
+                        mask.size(1) == student.size(2) && mask.size(2) == student.size(3),
+                    "fgd.", op, ": mask must have shape [B, H, W] = [", student.size(0), ", ",
+                    student.size(2), ", ", student.size(3), "], got ", shape_str(mask));
+  check_same_device(student, "student", mask, "mask", op);
+  // Negative weights would make the loss reward error. Checking costs a sync on a GPU, so only here.
+  if (mask.is_cpu() && mask.is_floating_point() && mask.numel() > 0) {
+    const double lo = mask.min().item<double>();
+    TORCH_CHECK_VALUE(lo >= 0.0, "fgd.", op, ": mask weights must be non-negative, got a ",
+                      "minimum of ", lo);
+  }
+}
+
 }  // namespace
 
 void check_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, double offset) {
@@ -114,25 +132,49 @@ void check_imitation_loss(const at::Tensor& student, const at::Tensor& teacher,
   TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), "fgd.imitation_loss: student ",
                    "and teacher must have the same dtype, got ", student.scalar_type(), " and ",
                    teacher.scalar_type(), " (cast the teacher's features to the student's dtype)");
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()),
-                   "fgd.imitation_loss: mask must be a bool tensor or a floating-point tensor of ",
-                   "per-location weights, got ", mask.scalar_type());
   TORCH_CHECK_VALUE(student.dim() == 4, "fgd.imitation_loss: student must have shape [B, C, H, W], ",
                     "got ", shape_str(student));
   TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "fgd.imitation_loss: teacher must have the ",
                     "shape of student ", shape_str(student), ", got ", shape_str(teacher));
-  TORCH_CHECK_VALUE(mask.dim() == 3 && mask.size(0) == student.size(0) &&
-                        mask.size(1) == student.size(2) && mask.size(2) == student.size(3),
-                    "fgd.imitation_loss: mask must have shape [B, H, W] = [", student.size(0), ", ",
-                    student.size(2), ", ", student.size(3), "], got ", shape_str(mask));
+  check_mask(mask, student, op);
   check_same_device(student, "student", teacher, "teacher", op);
-  check_same_device(student, "student", mask, "mask", op);
-  // Negative weights would make the loss reward error. Checking costs a sync on a GPU, so only here.
-  if (mask.is_cpu() && mask.is_floating_point() && mask.numel() > 0) {
-    const double lo = mask.min().item<double>();
-    TORCH_CHECK_VALUE(lo >= 0.0, "fgd.imitation_loss: mask weights must be non-negative, got a ",
-                      "minimum of ", lo);
+}
+
+AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teacher,
+                              const at::Tensor& mask, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias) {
+  const char* op = "masked_adapt_loss";
+  check_floating(student, op, "student");
+  auto same_dtype = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == student.scalar_type(), "fgd.masked_adapt_loss: ", name,
+                     " must have the student's dtype (", student.scalar_type(), "), got ",
+                     t.scalar_type());
+    check_same_device(student, "student", t, name, op);
+  };
+  same_dtype(teacher, "teacher");
+  same_dtype(weight, "weight");
+  TORCH_CHECK_VALUE(student.dim() == 4, "fgd.masked_adapt_loss: student must have shape ",
+                    "[B, Cs, H, W], got ", shape_str(student));
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == weight.size(3) &&
+                        (weight.size(2) == 1 || weight.size(2) == 3),
+                    "fgd.masked_adapt_loss: weight must be a 1x1 or 3x3 conv weight [Ct, Cs, k, k] ",
+                    "with k = 1 or 3 (stride 1, padding k // 2), got ", shape_str(weight));
+  AdaptShape a{student.size(0), student.size(1), weight.size(0), student.size(2), student.size(3),
+               weight.size(2)};
+  TORCH_CHECK_VALUE(weight.size(1) == a.Cs, "fgd.masked_adapt_loss: weight ", shape_str(weight),
+                    " takes ", weight.size(1), " input channels but student ", shape_str(student),
+                    " has ", a.Cs);
+  TORCH_CHECK_VALUE(teacher.dim() == 4 && teacher.size(0) == a.B && teacher.size(1) == a.Ct &&
+                        teacher.size(2) == a.H && teacher.size(3) == a.W,
+                    "fgd.masked_adapt_loss: teacher must have shape [B, Ct, H, W] = [", a.B, ", ",
+                    a.Ct, ", ", a.H, ", ", a.W, "] (Ct = weight.shape[0]), got ", shape_str(teacher));
+  if (bias.has_value() && bias->defined()) {
+    same_dtype(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == a.Ct, "fgd.masked_adapt_loss: bias ",
+                      "must have shape [Ct] = [", a.Ct, "], got ", shape_str(*bias));
   }
+  check_mask(mask, student, op);
+  return a;
 }
 
 at::Tensor mask_weights(const at::Tensor& mask, at::ScalarType dtype) {
@@ -149,6 +191,18 @@ TORCH_LIBRARY(fgd, m) {
   m.def("imitation_loss(Tensor student, Tensor teacher, Tensor mask) -> Tensor");
   // d(loss)/d(student) scaled by `grad`; the teacher's gradient is its negation.
   m.def("_imitation_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor mask) -> Tensor");
+  // masked_adapt_loss = imitation_loss(act(conv2d(student, weight, bias, padding=k//2)), teacher,
+  // mask), computed at the masked locations only (see masked_adapt.h); fgd.ops.masked_adapt_loss
+  // is the entry point. `saved` [Ct, N_masked] holds d(loss)/d(conv output) there, for the
+  // backward (0 columns when save is false: no backward will run).
+  m.def(
+      "_masked_adapt_forward(Tensor student, Tensor teacher, Tensor mask, Tensor weight, "
+      "Tensor? bias, bool relu, bool save) -> (Tensor loss, Tensor saved)");
+  // Gradients for (student, teacher, weight, bias), each scaled by `grad`; the ones not asked for in
+  // output_mask come back empty.
+  m.def(
+      "_masked_adapt_backward(Tensor grad, Tensor saved, Tensor student, Tensor teacher, Tensor mask, "
+      "Tensor weight, Tensor? bias, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // box_iou and imitation_mask are not differentiable: skipping autograd keeps their outputs free of

@@ -20,6 +20,14 @@ MaskShape check_imitation_mask(const at::Tensor& anchors, const at::Tensor& gt_b
 void check_imitation_loss(const at::Tensor& student, const at::Tensor& teacher,
                           const at::Tensor& mask);
 
+// Shapes of a masked_adapt_loss call: student [B, Cs, H, W], weight [Ct, Cs, k, k].
+struct AdaptShape {
+  int64_t B, Cs, Ct, H, W, k;
+};
+AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teacher,
+                              const at::Tensor& mask, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias);
+
 // The per-location weights the loss kernels read: the mask as `dtype` (float, or double for
 // float64 features), contiguous.
 at::Tensor mask_weights(const at::Tensor& mask, at::ScalarType dtype);

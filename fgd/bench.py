@@ -78,6 +78,33 @@ def time_ms(fn: Callable[[], object], device, repeat: int, warmup: int = 3) -> f
     return statistics.median(times)
 
 
+def peak_memory(fn: Callable[[], object], device) -> tuple:
+    """(peak bytes allocated above the level at the call, largest single allocation or None) of fn().
+
+    CUDA: the caching allocator's peak statistic. CPU: the profiler's allocation events replayed in
+    time order (what fn allocated through PyTorch; BLAS scratch outside it is not seen).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - start, None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    level = peak = largest = 0
+    for e in events:  # nbytes < 0 for a free
+        level += e.nbytes()
+        peak, largest = max(peak, level), max(largest, e.nbytes())
+    return peak, largest
+
+
 FLOOR = "memory floor"
 
 

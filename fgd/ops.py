@@ -5,12 +5,12 @@ value); these wrappers only check what C++ cannot name well: arguments that are 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["box_iou", "imitation_mask", "imitation_loss"]
+__all__ = ["box_iou", "imitation_mask", "imitation_loss", "masked_adapt_loss"]
 
 
 def _tensor(x, name: str, op: str) -> Tensor:
@@ -86,6 +86,32 @@ def imitation_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     return torch.ops.fgd.imitation_loss.default(student, teacher, mask)
 
 
+def masked_adapt_loss(student: Tensor, teacher: Tensor, mask: Tensor, weight: Tensor,
+                      bias: Optional[Tensor] = None, *, relu: bool = False) -> Tensor:
+    """``imitation_loss(act(conv2d(student, weight, bias, padding=k // 2)), teacher, mask)``, computed
+    at the masked locations only: act is ReLU when ``relu`` else the identity.
+
+    ``student`` [B, Cs, H, W], ``teacher`` [B, Ct, H, W], ``mask`` [B, H, W] (bool or non-negative
+    float weights), ``weight`` [Ct, Cs, k, k] with k = 1 or 3 (stride 1, zero padding k // 2),
+    ``bias`` [Ct] or None; one floating dtype. The cost is O(N_p * Cs * Ct * k^2) and the dense adapted
+    map is never built, so the adaptation layer costs in proportion to the masked locations. Value
+    and gradients (student, weight, bias, and teacher when it requires grad) equal the dense
+    composition's up to rounding; 0 with zero gradients when nothing is masked. Syncs with a GPU once
+    (to count the masked locations).
+    """
+    op = "masked_adapt_loss"
+    for x, name in ((student, "student"), (teacher, "teacher"), (mask, "mask"), (weight, "weight")):
+        _tensor(x, name, op)
+    if bias is not None:
+        _tensor(bias, "bias", op)
+    if not isinstance(relu, bool):
+        raise TypeError(f"fgd.{op}: relu must be a bool, got {type(relu).__name__}")
+    # Keep the [Ct, N_p] gradient buffer only when a backward can follow.
+    save = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student, teacher, weight, bias))
+    return torch.ops.fgd._masked_adapt_forward.default(student, teacher, mask, weight, bias, relu, save)[0]
+
+
 # ---- shapes for torch.compile / meta tensors ---------------------------------------------------
 
 @torch.library.register_fake("fgd::box_iou")
@@ -108,6 +134,22 @@ def _imitation_loss_backward_fake(grad, student, teacher, mask):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("fgd::_masked_adapt_forward")
+def _masked_adapt_forward_fake(student, teacher, mask, weight, bias, relu, save):
+    n = torch.library.get_ctx().new_dynamic_size() if save else 0
+    return student.new_empty(()), student.new_empty((weight.shape[0], n))
+
+
+@torch.library.register_fake("fgd::_masked_adapt_backward")
+def _masked_adapt_backward_fake(grad, saved, student, teacher, mask, weight, bias, relu, output_mask):
+    like = (student, teacher, weight, bias)
+    return tuple(
+        torch.empty_like(x, memory_format=torch.contiguous_format) if want and x is not None
+        else student.new_empty((0,))
+        for want, x in zip(output_mask, like)
+    )
+
+
 # ---- autograd ----------------------------------------------------------------------------------
 
 def _loss_setup_context(ctx, inputs, output):
@@ -128,4 +170,29 @@ def _loss_backward(ctx, grad):
 
 torch.library.register_autograd(
     "fgd::imitation_loss", _loss_backward, setup_context=_loss_setup_context
+)
+
+
+def _adapt_setup_context(ctx, inputs, output):
+    student, teacher, mask, weight, bias, relu, save = inputs
+    ctx.relu = relu
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(output[1], student, teacher, mask, weight, bias)
+
+
+def _adapt_backward(ctx, grad, _grad_saved):
+    saved, student, teacher, mask, weight, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    output_mask = [need[0], need[1], need[3], need[4] and ctx.has_bias]
+    grads = [None] * 7
+    if any(output_mask):
+        out = torch.ops.fgd._masked_adapt_backward.default(
+            grad, saved, student, teacher, mask, weight, bias, ctx.relu, output_mask)
+        for slot, want, g in zip((0, 1, 3, 4), output_mask, out):
+            grads[slot] = g if want else None
+    return tuple(grads)
+
+
+torch.library.register_autograd(
+    "fgd::_masked_adapt_forward", _adapt_backward, setup_context=_adapt_setup_context
 )

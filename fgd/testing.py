@@ -90,6 +90,29 @@ def fgfi_like_mask(
     return mask
 
 
+def imitation_mask_at_density(
+    batch: int,
+    feat_size: Sequence[int],
+    density: float,
+    generator: torch.Generator | None = None,
+    stride: int = 16,
+) -> Tensor:
+    """Real FGFI masks (bool [B, H, W]) covering about `density` of each image: random GT boxes
+    are added to an image until fgd.imitation_mask (psi 0.5, anchors 32-256 px) turns on that much."""
+    from .ops import imitation_mask
+
+    H, W = feat_size
+    image = (H * stride, W * stride)
+    anchors = grid_anchors(feat_size, stride, sizes=(32, 64, 128, 256))
+    out = torch.zeros(batch, H, W, dtype=torch.bool)
+    for b in range(batch):
+        boxes = torch.zeros(0, 4)
+        while out[b].float().mean().item() < density:
+            boxes = torch.cat([boxes, random_boxes(1, image, 16, min(image) / 3, generator)])
+            out[b] = imitation_mask(anchors, boxes[None], torch.tensor([len(boxes)]), feat_size)[0]
+    return out
+
+
 # ---- tiny torchvision detectors (random weights, no downloads) ---------------------------------
 
 def tiny_detector(kind: str = "fasterrcnn", depth: int = 18, out_channels: int = 64, num_classes: int = 4,
