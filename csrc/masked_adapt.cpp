@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 
@@ -50,6 +51,8 @@ std::tuple<at::Tensor, at::Tensor> masked_adapt_forward(const AdaptKernels& kern
                                                         const c10::optional<at::Tensor>& bias,
                                                         bool relu, bool save) {
   const AdaptShape a = check_masked_adapt(student, teacher, mask, weight, bias);
+  // The products run in the inputs' dtype even when called under autocast.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t K = a.Cs * a.k * a.k;
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor wmat = weight.reshape({a.Ct, K}).contiguous();
@@ -87,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
     std::array<bool, 4> output_mask) {
   const AdaptShape a = check_masked_adapt(student, teacher, mask, weight, bias);
   TORCH_CHECK_VALUE(grad.numel() == 1, "fgd._masked_adapt_backward: grad must be a scalar");
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t K = a.Cs * a.k * a.k;
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor wmat = weight.reshape({a.Ct, K}).contiguous();

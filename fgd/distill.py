@@ -45,6 +45,13 @@ class Adapter(nn.Module):
         return torch.relu(x) if self.relu else x
 
 
+def _sparse_ok(conv) -> bool:
+    """Whether masked_adapt_loss computes exactly this conv: k = 1 or 3, stride 1, same padding."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size in ((1, 1), (3, 3))
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding == (conv.kernel_size[0] // 2,) * 2 and conv.padding_mode == "zeros")
+
+
 def assign_fpn_levels(boxes: Tensor, levels: Sequence[int]) -> Tensor:
     """FPN's RoI-to-level rule: k = floor(4 + log2(sqrt(w * h) / 224)), clamped to the given levels
     (level k = the feature of stride 2^k); a k between two given levels goes to the finer one.
@@ -131,6 +138,9 @@ class Distiller(nn.Module):
         channels: [(student_channels, teacher_channels)] per level, for detectors whose modules do
             not say (torchvision backbones expose ``out_channels``).
         offset: IoU pixel convention (0: torchvision's).
+        sparse_adaptation: compute a k x k conv adapter (k = 1 or 3, +ReLU) and the loss only at the
+            masked locations (fgd.ops.masked_adapt_loss: cost in proportion to N_p, no dense adapted
+            map); False forces the dense conv2d + imitation_loss. Same values either way.
     """
 
     def __init__(
@@ -150,6 +160,7 @@ class Distiller(nn.Module):
         adapter: str = "3x3",
         adapter_relu: bool = False,
         offset: float = 0.0,
+        sparse_adaptation: bool = True,
     ):
         super().__init__()
         for name, value, allowed in (("mask_mode", mask_mode, MASK_MODES),
@@ -173,6 +184,7 @@ class Distiller(nn.Module):
         self.mask_mode = mask_mode
         self.level_policy = level_policy
         self.offset = float(offset)
+        self.sparse_adaptation = bool(sparse_adaptation)
         self.iteration = 0
 
         generic = teacher_layers is not None or student_layers is not None or anchors_fn is not None
@@ -346,11 +358,21 @@ class Distiller(nn.Module):
                     f"fgd.Distiller: level {lvl}: the student feature ({self.student_layers}) has shape "
                     f"{tuple(s.shape)} and the teacher's ({self.teacher_layers}) {tuple(t.shape)}; the batch "
                     "and spatial sizes must match (the channels may differ)")
-            a = adapt(s)
-            if a.shape[1] != t.shape[1]:
-                raise ValueError(f"fgd.Distiller: level {lvl}: the adaptation layer gives {a.shape[1]} "
-                                 f"channels but the teacher feature has {t.shape[1]}")
-            loss = ops.imitation_loss(a, t.detach().to(a.dtype), mask)
+            conv = adapt.conv if isinstance(adapt, Adapter) else None
+            if conv is not None and (conv.in_channels, conv.out_channels) != (s.shape[1], t.shape[1]):
+                raise ValueError(
+                    f"fgd.Distiller: level {lvl}: the adaptation layer maps {conv.in_channels} to "
+                    f"{conv.out_channels} channels but the student feature has {s.shape[1]} and the "
+                    f"teacher's {t.shape[1]}")
+            if self.sparse_adaptation and _sparse_ok(conv):
+                loss = ops.masked_adapt_loss(s, t.detach().to(s.dtype), mask, conv.weight, conv.bias,
+                                             relu=adapt.relu)
+            else:
+                a = adapt(s)
+                if a.shape[1] != t.shape[1]:
+                    raise ValueError(f"fgd.Distiller: level {lvl}: the adaptation layer gives {a.shape[1]} "
+                                     f"channels but the teacher feature has {t.shape[1]}")
+                loss = ops.imitation_loss(a, t.detach().to(a.dtype), mask)
             self.last_level_losses.append(loss.detach())
             self.last_num_pos.append(mask.sum().detach())
             total = loss if total is None else total + loss.to(total.dtype)

@@ -64,6 +64,7 @@ class TrainConfig:
     level_policy: str = "assigned"
     mask_mode: str = "fgfi"
     adapter: str = "3x3"
+    sparse_adaptation: bool = True            # adapter + loss at masked locations only (same values)
     # running
     amp: Optional[str] = None                 # "bf16" or "fp16"
     checkpoint_every: int = 200
@@ -282,7 +283,7 @@ def train(cfg: TrainConfig) -> dict:
         teacher = _teacher(cfg, ds.num_classes, dist)
         model = Distiller(teacher, student, imitation_weight=cfg.imitation_weight, thresh=cfg.thresh,
                           warmup_iters=warmup, level_policy=cfg.level_policy, mask_mode=cfg.mask_mode,
-                          adapter=cfg.adapter)
+                          adapter=cfg.adapter, sparse_adaptation=cfg.sparse_adaptation)
     else:
         model = student
     model.to(dist.device)

@@ -96,8 +96,9 @@ def masked_adapt_loss(student: Tensor, teacher: Tensor, mask: Tensor, weight: Te
     ``bias`` [Ct] or None; one floating dtype. The cost is O(N_p * Cs * Ct * k^2) and the dense adapted
     map is never built, so the adaptation layer costs in proportion to the masked locations. Value
     and gradients (student, weight, bias, and teacher when it requires grad) equal the dense
-    composition's up to rounding; 0 with zero gradients when nothing is masked. Syncs with a GPU once
-    (to count the masked locations).
+    composition's up to rounding; 0 with zero gradients when nothing is masked. Under autocast it
+    runs in the autocast dtype, as conv2d would. Syncs with a GPU once (to count the masked
+    locations).
     """
     op = "masked_adapt_loss"
     for x, name in ((student, "student"), (teacher, "teacher"), (mask, "mask"), (weight, "weight")):
@@ -106,6 +107,11 @@ def masked_adapt_loss(student: Tensor, teacher: Tensor, mask: Tensor, weight: Te
         _tensor(bias, "bias", op)
     if not isinstance(relu, bool):
         raise TypeError(f"fgd.{op}: relu must be a bool, got {type(relu).__name__}")
+    # Under autocast the dense path's conv2d would run in the autocast dtype: so does this.
+    if torch.is_autocast_enabled(student.device.type) and student.is_floating_point():
+        dtype = torch.get_autocast_dtype(student.device.type)
+        student, teacher, weight = student.to(dtype), teacher.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     # Keep the [Ct, N_p] gradient buffer only when a backward can follow.
     save = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (student, teacher, weight, bias))

@@ -300,3 +300,44 @@ def test_student_with_fewer_fpn_levels_imitates_the_teacher_levels_of_its_stride
     assert len(d.adapters) == 3 and [m.shape[-1] for m in d.last_masks] == [6, 3, 2]
     assert losses["loss_imitation"].item() > 0
     sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("adapter,relu,mask_mode", [("3x3", False, "fgfi"), ("3x3", True, "fgfi"),
+                                                    ("1x1", True, "gt_box"), ("3x3", False, "full")])
+def test_sparse_and_dense_adaptation_agree(monkeypatch, adapter, relu, mask_mode):
+    """The default sparse path (masked_adapt_loss) and the forced dense path give the same loss and
+    the same gradients, on a torchvision detector pair; the sparse path really runs."""
+    calls = []
+    real = fgd.ops.masked_adapt_loss
+    monkeypatch.setattr(fgd.ops, "masked_adapt_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for sparse in (True, False):
+        teacher, student, d = pair(adapter=adapter, adapter_relu=relu, mask_mode=mask_mode,
+                                   sparse_adaptation=sparse)
+        with torch.no_grad():  # the official init is ~0: make the adapters matter
+            for p in d.adapters.parameters():
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+        images, targets = batch((3, 1))
+        losses = d(images, targets)
+        losses["loss_imitation"].backward()
+        grads = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
+        results.append((losses["loss_imitation"].detach(), d.last_level_losses, grads))
+    assert len(calls) == len(d.adapters)  # one sparse call per level, in the sparse run only
+    (l_s, lv_s, g_s), (l_d, lv_d, g_d) = results
+    assert l_s > 0
+    torch.testing.assert_close(l_s, l_d, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.stack(lv_s), torch.stack(lv_d), rtol=1e-5, atol=1e-7)
+    assert g_s.keys() == g_d.keys() and any(k.startswith("adapters.") for k in g_s)
+    assert any(k.startswith("student.backbone") for k in g_s)
+    for k in g_s:  # as vectors: single elements are sums that cancel, float32 rounding shows there
+        err = ((g_s[k] - g_d[k]).norm() / g_d[k].norm().clamp_min(1e-12)).item()
+        assert err < (2e-5 if k.startswith("adapters.") else 1e-4), (k, err)
+
+
+def test_dense_path_for_adapters_the_op_cannot_compute(monkeypatch):
+    teacher, student, d = pair()
+    d.adapters[0].conv = nn.Conv2d(64, 96, 3, padding=2, dilation=2)  # not a same-padded k x k conv
+    assert not fgd.distill._sparse_ok(d.adapters[0].conv) and fgd.distill._sparse_ok(d.adapters[1].conv)
+    images, targets = batch()
+    d(images, targets)["loss_imitation"].backward()
+    assert d.adapters[0].conv.weight.grad is not None and d.adapters[1].conv.weight.grad is not None
