@@ -1,10 +1,13 @@
 """What distillation adds to a training step, piece by piece, against the student's own step.
 
-    python benchmarks/bench_distill.py [--pair tiny|torchvision] [--size 256] [--batch 4]
+    python benchmarks/bench_distill.py [--pair demo|tiny|torchvision] [--size 256] [--batch 4]
 
-tiny: ResNet-34-FPN (128 ch) teacher -> ResNet-18-FPN (64 ch) student (fgd.testing.tiny_detector);
-torchvision: fasterrcnn_resnet50_fpn -> fasterrcnn_mobilenet_v3_large_fpn. Random weights, random
-images with 1-8 boxes each. Times are medians of --repeat steps after warm-up.
+demo: the `fgd demo` models (fgd.models.build_detector: ResNet-34-FPN teacher -> ResNet-18-FPN
+student, 128-channel FPN); tiny: ResNet-34-FPN (128 ch) -> ResNet-18-FPN (64 ch)
+(fgd.testing.tiny_detector); torchvision: fasterrcnn_resnet50_fpn -> fasterrcnn_mobilenet_v3_large_fpn.
+Random weights, random images with 1-8 boxes each. Times are medians of --repeat steps after warm-up.
+The distiller runs twice: adapters + loss at the masked locations only (masked_adapt_loss, the
+default) and dense (conv2d + imitation_loss, sparse_adaptation=False).
 """
 import argparse
 import copy
@@ -20,7 +23,12 @@ from fgd.testing import random_boxes, tiny_detector
 
 def build(pair, size, device):
     torch.manual_seed(0)
-    if pair == "tiny":
+    if pair == "demo":
+        from fgd.models import build_detector
+
+        teacher = build_detector("resnet34-fpn", 4, size)
+        student = build_detector("resnet18-fpn", 4, size)
+    elif pair == "tiny":
         teacher = tiny_detector("fasterrcnn", depth=34, out_channels=128, image_size=size)
         student = tiny_detector("fasterrcnn", depth=18, out_channels=64, image_size=size)
     else:
@@ -59,7 +67,7 @@ def timed(fn, repeat, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", choices=["tiny", "torchvision"], default="tiny")
+    p.add_argument("--pair", choices=["demo", "tiny", "torchvision"], default="tiny")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeat", type=int, default=10)
@@ -68,15 +76,19 @@ def main(argv=None):
     device = torch.device(args.device)
     teacher, student = build(args.pair, args.size, device)
     d = fgd.Distiller(teacher, student, warmup_iters=0).train()
+    d_dense = fgd.Distiller(teacher, student, warmup_iters=0, sparse_adaptation=False).train()
+    d_dense.adapters.load_state_dict(d.adapters.state_dict())
     images, targets = data(args.batch, args.size, device)
 
     def student_step():
         student.zero_grad(set_to_none=True)
         sum(student(images, copy.deepcopy(targets)).values()).backward()
 
-    def distill_step():
-        d.zero_grad(set_to_none=True)
-        sum(d(images, copy.deepcopy(targets)).values()).backward()
+    def distill_step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            sum(model(images, copy.deepcopy(targets)).values()).backward()
+        return run
 
     # the pieces, on the inputs the distiller sees
     image_list, tv_targets = student.transform(images, copy.deepcopy(targets))
@@ -100,25 +112,40 @@ def main(argv=None):
         with torch.no_grad():
             teacher.backbone(batch)
 
-    def adapt_and_loss():
-        total = sum(fgd.ops.imitation_loss(a(s), t, m) for a, s, t, m in zip(d.adapters, s_feats, t_feats, masks))
-        total.backward()
+    def adapt_and_loss(sparse):
+        def run():
+            if sparse:
+                total = sum(fgd.ops.masked_adapt_loss(s, t, m, a.conv.weight, a.conv.bias, relu=a.relu)
+                            for a, s, t, m in zip(d.adapters, s_feats, t_feats, masks))
+            else:
+                total = sum(fgd.ops.imitation_loss(a(s), t, m)
+                            for a, s, t, m in zip(d.adapters, s_feats, t_feats, masks))
+            total.backward()
+        return run
 
     r = args.repeat
-    rows = [("student step alone (fwd+bwd)", timed(student_step, r, device)),
-            ("distiller step (fwd+bwd)", timed(distill_step, r, device)),
-            ("  teacher backbone forward", timed(teacher_forward, r, device)),
+    student_ms = timed(student_step, r, device)
+    teacher_ms = timed(teacher_forward, r, device)
+    rows = [("student step alone (fwd+bwd)", student_ms),
+            ("distiller step, sparse adaptation (default)", timed(distill_step(d), r, device)),
+            ("distiller step, dense adaptation", timed(distill_step(d_dense), r, device)),
+            ("  teacher backbone forward", teacher_ms),
             ("  anchors + imitation masks", timed(anchors_and_masks, r, device)),
-            ("  adaptation layers + imitation loss, fwd+bwd", timed(adapt_and_loss, r, device))]
-    base = rows[0][1]
+            ("  adapters + imitation loss, fwd+bwd: sparse", timed(adapt_and_loss(True), r, device)),
+            ("  adapters + imitation loss, fwd+bwd: dense", timed(adapt_and_loss(False), r, device))]
     print(f"fgd {fgd.__version__} | torch {torch.__version__} | device: {device_name(device)}")
+    density = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     print(f"pair: {args.pair}, batch {args.batch} x {args.size}x{args.size}, "
-          f"levels {[tuple(f.shape[-2:]) for f in s_feats]}, N_p {[int(m.sum()) for m in masks]}\n")
+          f"levels {[tuple(f.shape[-2:]) for f in s_feats]}, channels "
+          f"{[(f.shape[1], t.shape[1]) for f, t in zip(s_feats, t_feats)]}, "
+          f"N_p {[int(m.sum()) for m in masks]} ({density:.0%} of all locations)\n")
     print("| part | ms | % of the student's step |\n|---|---:|---:|")
     for name, ms in rows:
-        print(f"| {name} | {ms:.1f} | {100 * ms / base:.0f} % |")
-    print(f"| distillation overhead (distiller step - student step) | {rows[1][1] - base:.1f} | "
-          f"{100 * (rows[1][1] - base) / base:.0f} % |")
+        print(f"| {name} | {ms:.1f} | {100 * ms / student_ms:.0f} % |")
+    for path, (_, ms) in zip(("sparse", "dense"), rows[1:3]):
+        extra = ms - student_ms - teacher_ms
+        print(f"| overhead without the teacher's forward, {path} | {extra:.1f} | "
+              f"{100 * extra / student_ms:.0f} % |")
 
 
 if __name__ == "__main__":

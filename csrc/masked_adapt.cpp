@@ -12,11 +12,11 @@
 namespace fgd {
 namespace {
 
-// Locations per chunk: a [Cs*k*k, n] buffer holds at most 2^23 elements and at most half a feature
-// map, so the chunk buffers never outweigh the dense path's adapted map, whatever the map size.
+// Locations per chunk: the [Cs*k*k, n] chunk buffer holds at most 2^23 elements and no more than
+// one feature map, so it never outweighs the adapted map the dense path holds, whatever the size.
 int64_t chunk_rows(const AdaptShape& a, int64_t K, int64_t N) {
   const int64_t map = a.B * a.H * a.W * std::max(a.Cs, a.Ct);
-  const int64_t budget = std::min<int64_t>(int64_t(1) << 23, map / 2);
+  const int64_t budget = std::min<int64_t>(int64_t(1) << 23, map);
   return std::max<int64_t>(1, std::min(N, std::max<int64_t>(32, budget / K)));
 }
 

@@ -108,7 +108,8 @@ def imitation_mask_at_density(
     for b in range(batch):
         boxes = torch.zeros(0, 4)
         while out[b].float().mean().item() < density:
-            boxes = torch.cat([boxes, random_boxes(1, image, 16, min(image) / 3, generator)])
+            side = max(24.0, min(image) * math.sqrt(density) / 2)
+            boxes = torch.cat([boxes, random_boxes(1, image, 16, side, generator)])
             out[b] = imitation_mask(anchors, boxes[None], torch.tensor([len(boxes)]), feat_size)[0]
     return out
 

@@ -131,3 +131,32 @@ def test_opcheck_cuda(gen):
     torch.library.opcheck(torch.ops.fgd.imitation_mask.default, (anchors, gt.to(DEV), counts.to(DEV), [4, 5], 0.5, 0.0))
     s = torch.randn(2, 4, 5, 6, device=DEV, requires_grad=True)
     torch.library.opcheck(torch.ops.fgd.imitation_loss.default, (s, s.detach() + 1, torch.ones(2, 5, 6, device=DEV)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k,relu", [(1, False), (3, True), (3, False)])
+def test_masked_adapt_loss_parity(gen, dtype, k, relu):
+    """CUDA against the float64 dense reference, every gradient (teacher included)."""
+    from test_masked_adapt import TOL, check, inputs
+    from fgd.testing import imitation_mask_at_density
+
+    s, t, w, b = inputs(gen, 2, 48, 40, 30, 34, k, dtype=dtype)
+    mask = imitation_mask_at_density(2, (30, 34), 0.2, gen)
+    tol = dict(rtol=1e-3, atol=1e-5) if dtype == torch.float32 else TOL[dtype]  # TF32-free, looser sums
+    check(*(x.to(DEV) for x in (s, t)), mask.to(DEV), *(x.to(DEV) for x in (w, b)), relu, tol=tol)
+    empty = torch.zeros_like(mask)
+    check(*(x.to(DEV) for x in (s, t)), empty.to(DEV), *(x.to(DEV) for x in (w, b)), relu, tol=tol)
+
+
+def test_masked_adapt_loss_opcheck_and_float_weights(gen):
+    from test_masked_adapt import check, inputs
+
+    s, t, w, b = [x.to(DEV) for x in inputs(gen, 2, 5, 6, 7, 8, 3)]
+    weights = (torch.rand(2, 7, 8, generator=gen) * (torch.rand(2, 7, 8, generator=gen) < 0.5)).to(DEV)
+    check(s, t, weights, w, b, True)
+    fwd = torch.ops.fgd._masked_adapt_forward.default
+    torch.library.opcheck(fwd, (s.requires_grad_(), t, weights, w.requires_grad_(), b, True, True))
+    _, saved = fwd(s.detach(), t, weights, w.detach(), b, True, True)
+    torch.library.opcheck(torch.ops.fgd._masked_adapt_backward.default,
+                          (torch.tensor(0.5, device=DEV), saved, s.detach(), t, weights, w.detach(), b, True,
+                           [True, True, True, True]))

@@ -284,3 +284,17 @@ def test_backward_rejects_a_foreign_saved_tensor():
     with pytest.raises(ValueError, match=r"saved must be the \[Ct, N\] = \[8, 60\] tensor"):
         torch.ops.fgd._masked_adapt_backward(torch.tensor(1.0), torch.zeros(8, 3), S, T, M, W3, B8, False,
                                              [True, False, False, False])
+
+
+def test_autocast_runs_in_the_autocast_dtype_like_conv2d(gen):
+    s, t, w, b = inputs(gen, 2, 8, 6, 9, 10, 3)
+    mask = fgfi_like_mask(2, (9, 10), 0.3, gen)
+    leaves = [x.clone().requires_grad_() for x in (s, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fgd.ops.masked_adapt_loss(leaves[0], t, mask, leaves[1], leaves[2], relu=True)
+        a = F.conv2d(s, w, b, padding=1).relu()
+        want = fgd.imitation_loss(a, t.to(a.dtype), mask)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    got.backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in leaves)

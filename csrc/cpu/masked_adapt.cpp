@@ -1,12 +1,13 @@
 // CPU kernels of masked_adapt_loss (the products and the chunking are in ../masked_adapt.cpp).
-// Each kernel parallelises over rows of the [channels, n] chunk matrices and runs along the
-// locations inside a row, so it reads each feature plane at increasing addresses; col2im gives
-// every thread whole input channels, so the scatter-add needs no atomics.
+// Each kernel parallelises over rows of the [channels, n] chunk matrices and walks the locations
+// of a row run by run, reading each feature plane at increasing addresses; col2im gives every
+// thread whole input channels, so the scatter-add needs no atomics.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../fgd.h"
@@ -15,26 +16,31 @@
 namespace fgd {
 namespace {
 
-// Where the chunk's locations sit: off = b*C*H*W + y*W + x in a [B, C, H, W] tensor, and y, x.
-struct Locs {
-  std::vector<int64_t> off;
-  std::vector<int> y, x;
+// The chunk's locations as runs along image rows (masks are blobs, so runs are long): location
+// i0 + j, j < len, sits at off + j in a [B, C, H, W] tensor (off = b*C*H*W + y*W + x0). A run turns
+// every kernel's inner loop into a contiguous copy, add or reduction that the compiler vectorises.
+struct Run {
+  int64_t i0, len, off;
+  int y, x0;
 };
 
-Locs locate(const at::Tensor& idx, int64_t C, int64_t H, int64_t W) {
+std::vector<Run> runs(const at::Tensor& idx, int64_t C, int64_t H, int64_t W) {
   const int64_t n = idx.numel(), HW = H * W;
   const int64_t* p = idx.const_data_ptr<int64_t>();
-  Locs l{std::vector<int64_t>(n), std::vector<int>(n), std::vector<int>(n)};
+  std::vector<Run> out;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t b = p[i] / HW, yx = p[i] % HW;
-    l.off[i] = b * C * HW + yx;
-    l.y[i] = static_cast<int>(yx / W);
-    l.x[i] = static_cast<int>(yx % W);
+    if (!out.empty() && p[i] == p[i - 1] + 1 && yx % W != 0) {
+      ++out.back().len;
+    } else {
+      out.push_back({i, 1, b * C * HW + yx, static_cast<int>(yx / W), static_cast<int>(yx % W)});
+    }
   }
-  return l;
+  return out;
 }
 
-// Row r of a chunk matrix = (channel c, tap dy, tap dx): its offset from a location, and the tap.
+// Row r of a chunk matrix = (channel c, tap dy, dx) and the part of a run that tap sees inside the
+// map: run positions [lo, hi) read the input at run.off + shift + j.
 struct Tap {
   int64_t c, shift;
   int dy, dx;
@@ -45,24 +51,32 @@ inline Tap tap(int64_t r, int64_t k, int64_t H, int64_t W) {
   t.shift = t.c * H * W + t.dy * W + t.dx;
   return t;
 }
-inline bool inside(int y, int x, int H, int W) {
-  return static_cast<unsigned>(y) < static_cast<unsigned>(H) &&
-         static_cast<unsigned>(x) < static_cast<unsigned>(W);
+inline void inside(const Run& run, const Tap& t, int64_t H, int64_t W, int64_t& lo, int64_t& hi) {
+  lo = hi = 0;
+  const int64_t y = run.y + t.dy, x = run.x0 + t.dx;
+  if (y < 0 || y >= H) return;
+  lo = std::max<int64_t>(0, -x);
+  hi = std::max(lo, std::min(run.len, W - x));
 }
 
 void im2col_cpu(const at::Tensor& student, const at::Tensor& idx, int64_t k, at::Tensor& cols) {
   const int64_t Cs = student.size(1), H = student.size(2), W = student.size(3), n = idx.numel();
-  const Locs l = locate(idx, Cs, H, W);
+  const std::vector<Run> rs = runs(idx, Cs, H, W);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "fgd_im2col", [&] {
     const scalar_t* s = student.const_data_ptr<scalar_t>();
     scalar_t* out = cols.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, cols.size(0), std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)),
-                     [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
         const Tap tp = tap(r, k, H, W);
-        scalar_t* o = out + r * n;
-        for (int64_t i = 0; i < n; ++i) {
-          o[i] = inside(l.y[i] + tp.dy, l.x[i] + tp.dx, H, W) ? s[l.off[i] + tp.shift] : scalar_t(0);
+        for (const Run& run : rs) {
+          int64_t lo, hi;
+          inside(run, tp, H, W, lo, hi);
+          scalar_t* o = out + r * n + run.i0;
+          const scalar_t* src = s + run.off + tp.shift;
+          for (int64_t j = 0; j < lo; ++j) o[j] = scalar_t(0);
+          for (int64_t j = lo; j < hi; ++j) o[j] = src[j];
+          for (int64_t j = std::max(lo, hi); j < run.len; ++j) o[j] = scalar_t(0);
         }
       }
     });
@@ -71,20 +85,21 @@ void im2col_cpu(const at::Tensor& student, const at::Tensor& idx, int64_t k, at:
 
 void col2im_cpu(const at::Tensor& cols, const at::Tensor& idx, int64_t k, at::Tensor& grad) {
   const int64_t Cs = grad.size(1), H = grad.size(2), W = grad.size(3), n = idx.numel();
-  const Locs l = locate(idx, Cs, H, W);
+  const std::vector<Run> rs = runs(idx, Cs, H, W);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cols.scalar_type(), "fgd_col2im", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = cols.const_data_ptr<scalar_t>();
     acc_t* g = grad.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, Cs, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
+    at::parallel_for(0, Cs, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
         for (int64_t r = c * k * k; r < (c + 1) * k * k; ++r) {
           const Tap tp = tap(r, k, H, W);
-          const scalar_t* row = in + r * n;
-          for (int64_t i = 0; i < n; ++i) {
-            if (inside(l.y[i] + tp.dy, l.x[i] + tp.dx, H, W)) {
-              g[l.off[i] + tp.shift] += static_cast<acc_t>(row[i]);
-            }
+          for (const Run& run : rs) {
+            int64_t lo, hi;
+            inside(run, tp, H, W, lo, hi);
+            const scalar_t* row = in + r * n + run.i0;
+            acc_t* dst = g + run.off + tp.shift;
+            for (int64_t j = lo; j < hi; ++j) dst[j] += static_cast<acc_t>(row[j]);
           }
         }
       }
@@ -97,7 +112,7 @@ at::Tensor epilogue_cpu(at::Tensor& z, const at::Tensor& teacher, const at::Tens
                         double scale, EpilogueMode mode) {
   const int64_t Ct = teacher.size(1), H = teacher.size(2), W = teacher.size(3), n = idx.numel();
   const int64_t ld = z.stride(0);
-  const Locs l = locate(idx, Ct, H, W);
+  const std::vector<Run> rs = runs(idx, Ct, H, W);
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fgd_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -108,20 +123,23 @@ at::Tensor epilogue_cpu(at::Tensor& z, const at::Tensor& teacher, const at::Tens
     const acc_t sc = static_cast<acc_t>(scale);
     loss = at::parallel_reduce(
         0, Ct, std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)), 0.0,
-        [&](int64_t lo, int64_t hi, double sum) {
-          for (int64_t c = lo; c < hi; ++c) {
+        [&](int64_t c0, int64_t c1, double sum) {
+          for (int64_t c = c0; c < c1; ++c) {
             const acc_t bc = bp ? static_cast<acc_t>(bp[c]) : acc_t(0);
-            scalar_t* zc = zp + c * ld;
-            const scalar_t* tc = t + c * H * W;
             acc_t part = 0;
-            for (int64_t i = 0; i < n; ++i) {
-              const acc_t v = static_cast<acc_t>(zc[i]) + bc;
-              const acc_t d = (relu && v < 0 ? acc_t(0) : v) - static_cast<acc_t>(tc[l.off[i]]);
-              part += wp[i] * d * d;
-              if (mode == EpilogueMode::kStudentGrad) {
-                zc[i] = static_cast<scalar_t>(relu && !(v > 0) ? acc_t(0) : sc * wp[i] * d);
-              } else if (mode == EpilogueMode::kDiff) {
-                zc[i] = static_cast<scalar_t>(sc * wp[i] * d);
+            for (const Run& run : rs) {
+              scalar_t* zc = zp + c * ld + run.i0;
+              const scalar_t* tc = t + run.off + c * H * W;
+              const acc_t* wc = wp + run.i0;
+              for (int64_t j = 0; j < run.len; ++j) {
+                const acc_t v = static_cast<acc_t>(zc[j]) + bc;
+                const acc_t d = (relu && v < 0 ? acc_t(0) : v) - static_cast<acc_t>(tc[j]);
+                part += wc[j] * d * d;
+                if (mode == EpilogueMode::kStudentGrad) {
+                  zc[j] = static_cast<scalar_t>(relu && !(v > 0) ? acc_t(0) : sc * wc[j] * d);
+                } else if (mode == EpilogueMode::kDiff) {
+                  zc[j] = static_cast<scalar_t>(sc * wc[j] * d);
+                }
               }
             }
             sum += static_cast<double>(part);
