@@ -14,9 +14,10 @@ TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
 cd "$out"  # outside the source tree: import the installed fgd
 python3 -c "import fgd; assert fgd.cuda_compiled(), 'built without CUDA kernels'; print('fgd CUDA kernels: yes')"
 repo="$OLDPWD"
-python3 -m pytest -q "$repo/tests/test_cuda.py" "$repo/tests/test_imitation_loss.py" 2>&1 | tee "$out/cuda_tests.txt" | tail -3
+python3 -m pytest -q "$repo/tests/test_cuda.py" "$repo/tests/test_imitation_loss.py" "$repo/tests/test_masked_adapt.py" 2>&1 | tee "$out/cuda_tests.txt" | tail -3
 compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x "$repo/tests/test_cuda.py" \
   > "$out/sanitizer.txt" 2>&1; echo "compute-sanitizer memcheck exit code: $?" | tee -a "$out/sanitizer.txt"
 tail -3 "$out/sanitizer.txt"
 python3 -m fgd.bench --device cuda 2>&1 | tee "$out/bench.txt"
+python3 "$repo/benchmarks/bench_adapt.py" --device cuda 2>&1 | tee "$out/bench_adapt.txt"
 python3 "$repo/benchmarks/bench_distill.py" --device cuda --size 512 --batch 8 2>&1 | tee "$out/bench_distill.txt"

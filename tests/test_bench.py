@@ -1,3 +1,4 @@
+import fgd
 import fgd.bench
 
 
@@ -33,3 +34,36 @@ def test_eager_baselines_compute_what_fgd_computes():
     s, t = torch.randn(2, 8, *feat, generator=g), torch.randn(2, 8, *feat, generator=g)
     mask = fgfi_like_mask(2, feat, 0.15, g)
     torch.testing.assert_close(fgd.bench.eager_imitation_loss(s, t, mask), fgd.imitation_loss(s, t, mask))
+
+
+def _bench_adapt():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adapt.py"
+    spec = importlib.util.spec_from_file_location("bench_adapt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adapt_benchmark_runs_every_density_against_the_dense_path(capsys):
+    assert _bench_adapt().main(["--quick", "--no-compile", "--device", "cpu", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "device: CPU" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "loc.)" in line]
+    assert len(rows) == 8 and sum("fgd masked_adapt_loss" in r for r in rows) == 4
+    assert "100.0%" in rows[-1]
+
+
+def test_adapt_benchmark_baseline_computes_what_fgd_computes():
+    import torch
+
+    b = _bench_adapt()
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 6, 9, 10, generator=g), torch.randn(2, 6, 9, 10, generator=g)
+    w, bias = torch.randn(6, 6, 3, 3, generator=g) / 8, torch.randn(6, generator=g)
+    mask = torch.rand(2, 9, 10, generator=g) < 0.3
+    want = b.sparse(s, t, mask, w, bias)
+    torch.testing.assert_close(b.dense(b.eager_loss)(s, t, mask, w, bias), want)
+    torch.testing.assert_close(b.dense(fgd.imitation_loss)(s, t, mask, w, bias), want)
