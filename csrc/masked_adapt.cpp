@@ -59,9 +59,12 @@ std::tuple<at::Tensor, at::Tensor> masked_adapt_forward(const AdaptKernels& kern
   const auto b = defined_bias(bias);
   const Locations loc = masked_locations(mask, at::toOpMathType(s.scalar_type()));
   const int64_t N = loc.idx.numel();
-  at::Tensor saved = at::zeros({a.Ct, save ? N : 0}, s.options());
+  const bool any = N > 0 && loc.total > 0;
+  // Every column of `saved` is written below when any location counts; zeros otherwise.
+  at::Tensor saved = any ? at::empty({a.Ct, save ? N : 0}, s.options())
+                         : at::zeros({a.Ct, save ? N : 0}, s.options());
   at::Tensor loss = at::zeros({}, s.options().dtype(at::kDouble));
-  if (N > 0 && loc.total > 0) {
+  if (any) {
     const int64_t rows = chunk_rows(a, K, N);
     at::Tensor cols = at::empty({K * rows}, s.options());
     at::Tensor zbuf = save ? at::Tensor() : at::empty({a.Ct * rows}, s.options());
@@ -119,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t n = std::min(rows, N - r0);
       const at::Tensor idx = loc.idx.narrow(0, r0, n);
-      const at::Tensor sv = saved.narrow(1, r0, n);  // scale * w * d(loss)/dz
+      const at::Tensor sv = saved.narrow(1, r0, n);  // d(loss)/dz of this chunk
       at::Tensor c = cols.narrow(0, 0, K * n).view({K, n});
       if (want_w || (want_t && relu)) kernels.im2col(s, idx, a.k, c);
       if (want_w) {

@@ -108,6 +108,9 @@ def imitation_mask_at_density(
     for b in range(batch):
         boxes = torch.zeros(0, 4)
         while out[b].float().mean().item() < density:
+            if len(boxes) >= H * W:
+                raise ValueError(f"imitation_mask_at_density: cannot reach density {density} on a "
+                                 f"{H}x{W} map (got {out[b].float().mean().item():.3f})")
             side = max(24.0, min(image) * math.sqrt(density) / 2)
             boxes = torch.cat([boxes, random_boxes(1, image, 16, side, generator)])
             out[b] = imitation_mask(anchors, boxes[None], torch.tensor([len(boxes)]), feat_size)[0]
