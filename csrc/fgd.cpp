@@ -193,7 +193,7 @@ TORCH_LIBRARY(fgd, m) {
   m.def("_imitation_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor mask) -> Tensor");
   // masked_adapt_loss = imitation_loss(act(conv2d(student, weight, bias, padding=k//2)), teacher,
   // mask), computed at the masked locations only (see masked_adapt.h); fgd.ops.masked_adapt_loss
-  // is the entry point. `saved` [Ct, N_masked] holds d(loss)/d(conv output) there, for the
+  // is the entry point. `saved` [Ct, N_masked] holds N_p * d(loss)/d(conv output) there, for the
   // backward (0 columns when save is false: no backward will run).
   m.def(
       "_masked_adapt_forward(Tensor student, Tensor teacher, Tensor mask, Tensor weight, "

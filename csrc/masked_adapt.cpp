@@ -78,8 +78,7 @@ std::tuple<at::Tensor, at::Tensor> masked_adapt_forward(const AdaptKernels& kern
       // by its gradient: no chunk buffer for it.
       at::Tensor z = save ? saved.narrow(1, r0, n) : zbuf.narrow(0, 0, a.Ct * n).view({a.Ct, n});
       at::mm_out(z, wmat, c);
-      loss += kernels.epilogue(z, t, idx, loc.w.narrow(0, r0, n), b, relu, 1.0 / loc.total, mode)
-                  .sum(at::kDouble);
+      loss += kernels.epilogue(z, t, idx, loc.w.narrow(0, r0, n), b, relu, mode).sum(at::kDouble);
     }
     loss /= 2 * loc.total;
   }
@@ -106,7 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
                     "fgd._masked_adapt_backward: saved must be the [Ct, N] = [", a.Ct, ", ", N,
                     "] tensor that _masked_adapt_forward(save=True) returned for these inputs, got ",
                     saved.sizes(), " ", saved.scalar_type());
-  const at::Tensor g = grad.reshape({}).to(s.device());
+  // The upstream gradient and 1/N_p, which `saved` leaves out.
+  const at::Tensor g = grad.reshape({}).to(s.device(), acc) * (loc.total > 0 ? 1.0 / loc.total : 0.0);
   const auto [want_s, want_t, want_w, want_b] = output_mask;
   auto none = [&] { return at::empty({0}, s.options()); };  // outputs must not alias
 
@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t n = std::min(rows, N - r0);
       const at::Tensor idx = loc.idx.narrow(0, r0, n);
-      const at::Tensor sv = saved.narrow(1, r0, n);  // d(loss)/dz of this chunk
+      const at::Tensor sv = saved.narrow(1, r0, n);  // N_p * d(loss)/dz of this chunk
       at::Tensor c = cols.narrow(0, 0, K * n).view({K, n});
       if (want_w || (want_t && relu)) kernels.im2col(s, idx, a.k, c);
       if (want_w) {
@@ -133,13 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
         }
       }
       if (want_t) {
-        // -d(loss)/dt = scale * w * (act(z + b) - t): `saved` already, unless the ReLU zeroed part
+        // -N_p * d(loss)/dt = w * (act(z + b) - t): `saved` already, unless the ReLU zeroed part
         // of it; then recompute z for this chunk.
         at::Tensor d = sv;
         if (relu) {
           d = at::mm(wmat, c);
-          kernels.epilogue(d, t, idx, loc.w.narrow(0, r0, n), b, relu, 1.0 / loc.total,
-                           EpilogueMode::kDiff);
+          kernels.epilogue(d, t, idx, loc.w.narrow(0, r0, n), b, relu, EpilogueMode::kDiff);
         }
         gt_rows.index_put_({idx.div(HW, "floor"), idx.remainder(HW)}, d.t());
       }

@@ -13,10 +13,12 @@
 
 namespace fgd {
 
+// What the epilogue leaves in z. Both gradients lack the factor 1/(N_p) (and the upstream
+// gradient): applied in backward, so that float16 buffers never hold values scaled down by N_p.
 enum class EpilogueMode {
   kLossOnly,    // leave z as it is
-  kStudentGrad, // z <- scale * w * (act(z + b) - t) * act'(z + b): d(loss)/dz
-  kDiff,        // z <- scale * w * (act(z + b) - t): -d(loss)/d(teacher)
+  kStudentGrad, // z <- w * (act(z + b) - t) * act'(z + b): N_p * d(loss)/dz
+  kDiff,        // z <- w * (act(z + b) - t): -N_p * d(loss)/d(teacher)
 };
 
 struct AdaptKernels {
@@ -30,7 +32,7 @@ struct AdaptKernels {
   // sum_i w_i sum_c (act(z + b) - t)^2, and rewrites z as `mode` says.
   at::Tensor (*epilogue)(at::Tensor& z, const at::Tensor& teacher, const at::Tensor& idx,
                          const at::Tensor& w, const c10::optional<at::Tensor>& bias, bool relu,
-                         double scale, EpilogueMode mode);
+                         EpilogueMode mode);
 };
 
 std::tuple<at::Tensor, at::Tensor> masked_adapt_forward(const AdaptKernels& kernels,

@@ -298,3 +298,21 @@ def test_autocast_runs_in_the_autocast_dtype_like_conv2d(gen):
     torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
     got.backward()
     assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in leaves)
+
+
+def test_float16_gradients_survive_a_large_n_p(gen):
+    """1/N_p is applied in backward, together with the upstream (loss-scaled) gradient: a float16
+    buffer holding d(loss)/dz itself would underflow here (|d| / N_p ~ 5e-4 / 16384 < 2^-24)."""
+    s, _, w, b = inputs(gen, 1, 8, 8, 128, 128, 3, dtype=torch.float64)
+    s, b = s * 0.01, b * 0.01  # features ~1e-2: float16 resolves differences of 5e-4 there
+    t = F.conv2d(s, w, b, padding=1) + 5e-4 * torch.randn(1, 8, 128, 128, generator=gen, dtype=torch.float64)
+    s, t, w, b = (x.half() for x in (s, t, w, b))
+    mask = torch.ones(1, 128, 128, dtype=torch.bool)
+    leaves = [x.clone().requires_grad_() for x in (s, w, b)]
+    got = fgd.ops.masked_adapt_loss(leaves[0], t, mask, leaves[1], leaves[2])
+    (got * 2.0 ** 15).backward()  # what a GradScaler does
+    ref_leaves = [x.double().requires_grad_() for x in (s, w, b)]
+    (dense_reference(ref_leaves[0], t, mask, *ref_leaves[1:], False) * 2.0 ** 15).backward()
+    for a, r in zip(leaves, ref_leaves):
+        err = ((a.grad.double() - r.grad).norm() / r.grad.norm()).item()
+        assert err < 2e-2, err

@@ -109,7 +109,7 @@ void col2im_cpu(const at::Tensor& cols, const at::Tensor& idx, int64_t k, at::Te
 
 at::Tensor epilogue_cpu(at::Tensor& z, const at::Tensor& teacher, const at::Tensor& idx,
                         const at::Tensor& w, const c10::optional<at::Tensor>& bias, bool relu,
-                        double scale, EpilogueMode mode) {
+                        EpilogueMode mode) {
   const int64_t Ct = teacher.size(1), H = teacher.size(2), W = teacher.size(3), n = idx.numel();
   const int64_t ld = z.stride(0);
   const std::vector<Run> rs = runs(idx, Ct, H, W);
@@ -120,7 +120,6 @@ at::Tensor epilogue_cpu(at::Tensor& z, const at::Tensor& teacher, const at::Tens
     const scalar_t* t = teacher.const_data_ptr<scalar_t>();
     const scalar_t* bp = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
     const acc_t* wp = w.const_data_ptr<acc_t>();
-    const acc_t sc = static_cast<acc_t>(scale);
     loss = at::parallel_reduce(
         0, Ct, std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)), 0.0,
         [&](int64_t c0, int64_t c1, double sum) {
@@ -136,9 +135,9 @@ at::Tensor epilogue_cpu(at::Tensor& z, const at::Tensor& teacher, const at::Tens
                 const acc_t d = (relu && v < 0 ? acc_t(0) : v) - static_cast<acc_t>(tc[j]);
                 part += wc[j] * d * d;
                 if (mode == EpilogueMode::kStudentGrad) {
-                  zc[j] = static_cast<scalar_t>(relu && !(v > 0) ? acc_t(0) : sc * wc[j] * d);
+                  zc[j] = static_cast<scalar_t>(relu && !(v > 0) ? acc_t(0) : wc[j] * d);
                 } else if (mode == EpilogueMode::kDiff) {
-                  zc[j] = static_cast<scalar_t>(sc * wc[j] * d);
+                  zc[j] = static_cast<scalar_t>(wc[j] * d);
                 }
               }
             }

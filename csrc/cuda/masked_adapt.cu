@@ -64,8 +64,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void epilogue_kernel(scalar_t* __restrict__ z, int64_t ld,
                                 const scalar_t* __restrict__ t, const int64_t* __restrict__ idx,
                                 const acc_t* __restrict__ w, const scalar_t* __restrict__ bias,
-                                Geometry g, int64_t total, bool relu, acc_t scale,
-                                EpilogueMode mode, acc_t* __restrict__ partial) {
+                                Geometry g, int64_t total, bool relu, EpilogueMode mode,
+                                acc_t* __restrict__ partial) {
   acc_t sum = 0;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
        e += (int64_t)gridDim.x * blockDim.x) {
@@ -77,9 +77,9 @@ __global__ void epilogue_kernel(scalar_t* __restrict__ z, int64_t ld,
     const acc_t wi = w[el.i];
     sum += wi * d * d;
     if (mode == EpilogueMode::kStudentGrad) {
-      *zp = static_cast<scalar_t>(relu && !(v > 0) ? acc_t(0) : scale * wi * d);
+      *zp = static_cast<scalar_t>(relu && !(v > 0) ? acc_t(0) : wi * d);
     } else if (mode == EpilogueMode::kDiff) {
-      *zp = static_cast<scalar_t>(scale * wi * d);
+      *zp = static_cast<scalar_t>(wi * d);
     }
   }
   sum = block_reduce(sum, [](acc_t a, acc_t b) { return a + b; });
@@ -117,7 +117,7 @@ void col2im_cuda(const at::Tensor& cols, const at::Tensor& idx, int64_t k, at::T
 
 at::Tensor epilogue_cuda(at::Tensor& z, const at::Tensor& teacher, const at::Tensor& idx,
                          const at::Tensor& w, const c10::optional<at::Tensor>& bias, bool relu,
-                         double scale, EpilogueMode mode) {
+                         EpilogueMode mode) {
   const Geometry g{teacher.size(1), teacher.size(2), teacher.size(3), idx.numel(), 1};
   const int64_t total = z.size(0) * z.size(1), blocks = grid_for(total, 4);
   at::Tensor partial = at::zeros({blocks}, w.options());
@@ -128,8 +128,8 @@ at::Tensor epilogue_cuda(at::Tensor& z, const at::Tensor& teacher, const at::Ten
     epilogue_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
         z.mutable_data_ptr<scalar_t>(), z.stride(0), teacher.const_data_ptr<scalar_t>(),
         idx.const_data_ptr<int64_t>(), w.const_data_ptr<acc_t>(),
-        bias ? bias->const_data_ptr<scalar_t>() : nullptr, g, total, relu,
-        static_cast<acc_t>(scale), mode, partial.mutable_data_ptr<acc_t>());
+        bias ? bias->const_data_ptr<scalar_t>() : nullptr, g, total, relu, mode,
+        partial.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return partial;
