@@ -193,16 +193,17 @@ TORCH_LIBRARY(fgd, m) {
   m.def("_imitation_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor mask) -> Tensor");
   // masked_adapt_loss = imitation_loss(act(conv2d(student, weight, bias, padding=k//2)), teacher,
   // mask), computed at the masked locations only (see masked_adapt.h); fgd.ops.masked_adapt_loss
-  // is the entry point. `saved` [Ct, N_masked] holds N_p * d(loss)/d(conv output) there, for the
-  // backward (0 columns when save is false: no backward will run).
+  // is the entry point. With save, `saved` [Ct, N] holds N_p * d(loss)/d(conv output) at the masked
+  // locations `idx` [N] for the backward; without (no backward will run) both are empty.
   m.def(
       "_masked_adapt_forward(Tensor student, Tensor teacher, Tensor mask, Tensor weight, "
-      "Tensor? bias, bool relu, bool save) -> (Tensor loss, Tensor saved)");
+      "Tensor? bias, bool relu, bool save) -> (Tensor loss, Tensor saved, Tensor idx)");
   // Gradients for (student, teacher, weight, bias), each scaled by `grad`; the ones not asked for in
   // output_mask come back empty.
   m.def(
-      "_masked_adapt_backward(Tensor grad, Tensor saved, Tensor student, Tensor teacher, Tensor mask, "
-      "Tensor weight, Tensor? bias, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "_masked_adapt_backward(Tensor grad, Tensor saved, Tensor idx, Tensor student, Tensor teacher, "
+      "Tensor mask, Tensor weight, Tensor? bias, bool relu, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // box_iou and imitation_mask are not differentiable: skipping autograd keeps their outputs free of

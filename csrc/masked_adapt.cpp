@@ -21,92 +21,102 @@ int64_t chunk_rows(const AdaptShape& a, int64_t K, int64_t N) {
 }
 
 struct Locations {
-  at::Tensor idx;  // int64 [N]: b*H*W + y*W + x of every location with a non-zero weight
-  at::Tensor w;    // [N] their weights, in the opmath dtype (bool -> 1)
-  double total;    // N_p = the sum of all weights
+  at::Tensor idx;    // int64 [N]: b*H*W + y*W + x of every location with a non-zero weight
+  at::Tensor w;      // [N] their weights, in the opmath dtype (bool -> 1)
+  at::Tensor scale;  // 0-dim double, 1 / N_p (N_p = the sum of the weights), or 0 when N_p = 0
 };
 
-// at::nonzero needs the count on the host (a sync on a GPU); the chunk loop needs it anyway.
-Locations masked_locations(const at::Tensor& mask, at::ScalarType wtype) {
-  const at::Tensor flat = mask.reshape(-1);
-  Locations l;
-  l.idx = at::nonzero(flat.scalar_type() == at::kBool ? flat : flat != 0).view(-1);
-  l.w = flat.index_select(0, l.idx).to(wtype).contiguous();
-  l.total = l.w.sum(at::kDouble).item<double>();
+// The weights and 1 / N_p of the locations idx; no host sync.
+Locations locations(const at::Tensor& mask, at::Tensor idx, at::ScalarType wtype) {
+  Locations l{std::move(idx)};
+  l.w = mask.reshape(-1).index_select(0, l.idx).to(wtype).contiguous();
+  const at::Tensor total = l.w.sum(at::kDouble);
+  l.scale = at::where(total > 0, total.reciprocal(), at::zeros_like(total));
   return l;
 }
 
-c10::optional<at::Tensor> defined_bias(const c10::optional<at::Tensor>& bias) {
-  if (bias.has_value() && bias->defined()) return bias->contiguous();
-  return c10::nullopt;
+// What forward and backward both start from: the checked shapes and contiguous operands.
+struct Operands {
+  AdaptShape a;
+  int64_t K;  // Cs * k * k
+  at::Tensor s, t, wmat;  // student, teacher, weight as [Ct, K]
+  c10::optional<at::Tensor> b;
+  at::ScalarType acc;  // opmath dtype
+};
+
+Operands operands(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask,
+                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  Operands o{check_masked_adapt(student, teacher, mask, weight, bias)};
+  o.K = o.a.Cs * o.a.k * o.a.k;
+  o.s = student.contiguous();
+  o.t = teacher.contiguous();
+  o.wmat = weight.reshape({o.a.Ct, o.K}).contiguous();
+  if (bias.has_value() && bias->defined()) o.b = bias->contiguous();
+  o.acc = at::toOpMathType(student.scalar_type());
+  return o;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> masked_adapt_forward(const AdaptKernels& kernels,
-                                                        const at::Tensor& student,
-                                                        const at::Tensor& teacher,
-                                                        const at::Tensor& mask,
-                                                        const at::Tensor& weight,
-                                                        const c10::optional<at::Tensor>& bias,
-                                                        bool relu, bool save) {
-  const AdaptShape a = check_masked_adapt(student, teacher, mask, weight, bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_adapt_forward(
+    const AdaptKernels& kernels, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& mask, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    bool relu, bool save) {
+  const Operands o = operands(student, teacher, mask, weight, bias);
   // The products run in the inputs' dtype even when called under autocast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const int64_t K = a.Cs * a.k * a.k;
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const at::Tensor wmat = weight.reshape({a.Ct, K}).contiguous();
-  const auto b = defined_bias(bias);
-  const Locations loc = masked_locations(mask, at::toOpMathType(s.scalar_type()));
+  // at::nonzero needs the count on the host (a sync on a GPU); the chunk loop needs it anyway.
+  const at::Tensor flat = mask.reshape(-1);
+  const Locations loc =
+      locations(mask, at::nonzero(flat.scalar_type() == at::kBool ? flat : flat != 0).view(-1),
+                o.acc);
   const int64_t N = loc.idx.numel();
-  const bool any = N > 0 && loc.total > 0;
-  // Every column of `saved` is written below when any location counts; zeros otherwise.
-  at::Tensor saved = any ? at::empty({a.Ct, save ? N : 0}, s.options())
-                         : at::zeros({a.Ct, save ? N : 0}, s.options());
-  at::Tensor loss = at::zeros({}, s.options().dtype(at::kDouble));
-  if (any) {
-    const int64_t rows = chunk_rows(a, K, N);
-    at::Tensor cols = at::empty({K * rows}, s.options());
-    at::Tensor zbuf = save ? at::Tensor() : at::empty({a.Ct * rows}, s.options());
+  // Every column of `saved` is written below.
+  at::Tensor saved = at::empty({o.a.Ct, save ? N : 0}, o.s.options());
+  at::Tensor loss = at::zeros({}, o.s.options().dtype(at::kDouble));
+  if (N > 0) {
+    const int64_t rows = chunk_rows(o.a, o.K, N);
+    at::Tensor cols = at::empty({o.K * rows}, o.s.options());
+    at::Tensor zbuf = save ? at::Tensor() : at::empty({o.a.Ct * rows}, o.s.options());
     const auto mode = save ? EpilogueMode::kStudentGrad : EpilogueMode::kLossOnly;
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t n = std::min(rows, N - r0);
       const at::Tensor idx = loc.idx.narrow(0, r0, n);
-      at::Tensor c = cols.narrow(0, 0, K * n).view({K, n});
-      kernels.im2col(s, idx, a.k, c);
+      at::Tensor c = cols.narrow(0, 0, o.K * n).view({o.K, n});
+      kernels.im2col(o.s, idx, o.a.k, c);
       // With save, the conv output goes straight into its slot of `saved` and is overwritten there
       // by its gradient: no chunk buffer for it.
-      at::Tensor z = save ? saved.narrow(1, r0, n) : zbuf.narrow(0, 0, a.Ct * n).view({a.Ct, n});
-      at::mm_out(z, wmat, c);
-      loss += kernels.epilogue(z, t, idx, loc.w.narrow(0, r0, n), b, relu, mode).sum(at::kDouble);
+      at::Tensor z = save ? saved.narrow(1, r0, n) : zbuf.narrow(0, 0, o.a.Ct * n).view({o.a.Ct, n});
+      at::mm_out(z, o.wmat, c);
+      loss += kernels.epilogue(z, o.t, idx, loc.w.narrow(0, r0, n), o.b, relu, mode)
+                  .sum(at::kDouble);
     }
-    loss /= 2 * loc.total;
+    loss *= loc.scale / 2;
   }
-  return {loss.to(s.scalar_type()), saved};
+  return {loss.to(o.s.scalar_type()), saved, save ? loc.idx : at::empty({0}, loc.idx.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward(
     const AdaptKernels& kernels, const at::Tensor& grad, const at::Tensor& saved,
-    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool relu,
-    std::array<bool, 4> output_mask) {
-  const AdaptShape a = check_masked_adapt(student, teacher, mask, weight, bias);
+    const at::Tensor& idx, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& mask, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    bool relu, std::array<bool, 4> output_mask) {
+  const Operands o = operands(student, teacher, mask, weight, bias);
+  const auto& [a, K, s, t, wmat, b, acc] = o;
   TORCH_CHECK_VALUE(grad.numel() == 1, "fgd._masked_adapt_backward: grad must be a scalar");
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const int64_t K = a.Cs * a.k * a.k;
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const at::Tensor wmat = weight.reshape({a.Ct, K}).contiguous();
-  const auto b = defined_bias(bias);
-  const auto acc = at::toOpMathType(s.scalar_type());
-  const Locations loc = masked_locations(mask, acc);
-  const int64_t N = loc.idx.numel();
-  TORCH_CHECK_VALUE(saved.dim() == 2 && saved.size(0) == a.Ct && saved.size(1) == N &&
+  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.device() == s.device() &&
+                        saved.dim() == 2 && saved.size(0) == a.Ct && saved.size(1) == idx.size(0) &&
                         saved.scalar_type() == s.scalar_type() && saved.device() == s.device(),
-                    "fgd._masked_adapt_backward: saved must be the [Ct, N] = [", a.Ct, ", ", N,
-                    "] tensor that _masked_adapt_forward(save=True) returned for these inputs, got ",
-                    saved.sizes(), " ", saved.scalar_type());
+                    "fgd._masked_adapt_backward: saved [Ct, N] and idx [N] must be the tensors ",
+                    "_masked_adapt_forward(save=True) returned for these inputs (Ct = ", a.Ct,
+                    "), got saved ", saved.sizes(), " ", saved.scalar_type(), " and idx ",
+                    idx.sizes(), " ", idx.scalar_type());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  // The forward's locations, so no second nonzero (and no sync with a GPU) here.
+  const Locations loc = locations(mask, idx, acc);
+  const int64_t N = idx.numel();
   // The upstream gradient and 1/N_p, which `saved` leaves out.
-  const at::Tensor g = grad.reshape({}).to(s.device(), acc) * (loc.total > 0 ? 1.0 / loc.total : 0.0);
+  const at::Tensor g = grad.reshape({}).to(s.device(), acc) * loc.scale.to(acc);
   const auto [want_s, want_t, want_w, want_b] = output_mask;
   auto none = [&] { return at::empty({0}, s.options()); };  // outputs must not alias
 
@@ -121,10 +131,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
     const at::Tensor gt_rows = want_t ? gt.view({a.B, a.Ct, HW}).permute({0, 2, 1}) : at::Tensor();
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t n = std::min(rows, N - r0);
-      const at::Tensor idx = loc.idx.narrow(0, r0, n);
+      const at::Tensor ci = loc.idx.narrow(0, r0, n);
       const at::Tensor sv = saved.narrow(1, r0, n);  // N_p * d(loss)/dz of this chunk
       at::Tensor c = cols.narrow(0, 0, K * n).view({K, n});
-      if (want_w || (want_t && relu)) kernels.im2col(s, idx, a.k, c);
+      if (want_w || (want_t && relu)) kernels.im2col(s, ci, a.k, c);
       if (want_w) {
         if (acc == s.scalar_type()) {
           gw.addmm_(sv, c.t());
@@ -138,13 +148,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
         at::Tensor d = sv;
         if (relu) {
           d = at::mm(wmat, c);
-          kernels.epilogue(d, t, idx, loc.w.narrow(0, r0, n), b, relu, EpilogueMode::kDiff);
+          kernels.epilogue(d, t, ci, loc.w.narrow(0, r0, n), b, relu, EpilogueMode::kDiff);
         }
-        gt_rows.index_put_({idx.div(HW, "floor"), idx.remainder(HW)}, d.t());
+        gt_rows.index_put_({ci.div(HW, "floor"), ci.remainder(HW)}, d.t());
       }
       if (want_s) {
         at::mm_out(c, wt, sv);
-        kernels.col2im(c, idx, a.k, gs);
+        kernels.col2im(c, ci, a.k, gs);
       }
     }
   }

@@ -35,18 +35,17 @@ struct AdaptKernels {
                          EpilogueMode mode);
 };
 
-std::tuple<at::Tensor, at::Tensor> masked_adapt_forward(const AdaptKernels& kernels,
-                                                        const at::Tensor& student,
-                                                        const at::Tensor& teacher,
-                                                        const at::Tensor& mask,
-                                                        const at::Tensor& weight,
-                                                        const c10::optional<at::Tensor>& bias,
-                                                        bool relu, bool save);
+// Returns (loss, saved, idx): with save, saved [Ct, N] = N_p * d(loss)/dz at the masked locations
+// idx [N] (flat b*H*W + y*W + x), which the backward takes back instead of finding them again.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_adapt_forward(
+    const AdaptKernels& kernels, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& mask, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    bool relu, bool save);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward(
     const AdaptKernels& kernels, const at::Tensor& grad, const at::Tensor& saved,
-    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool relu,
-    std::array<bool, 4> output_mask);
+    const at::Tensor& idx, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& mask, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    bool relu, std::array<bool, 4> output_mask);
 
 }  // namespace fgd

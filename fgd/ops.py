@@ -143,11 +143,12 @@ def _imitation_loss_backward_fake(grad, student, teacher, mask):
 @torch.library.register_fake("fgd::_masked_adapt_forward")
 def _masked_adapt_forward_fake(student, teacher, mask, weight, bias, relu, save):
     n = torch.library.get_ctx().new_dynamic_size() if save else 0
-    return student.new_empty(()), student.new_empty((weight.shape[0], n))
+    return (student.new_empty(()), student.new_empty((weight.shape[0], n)),
+            student.new_empty((n,), dtype=torch.long))
 
 
 @torch.library.register_fake("fgd::_masked_adapt_backward")
-def _masked_adapt_backward_fake(grad, saved, student, teacher, mask, weight, bias, relu, output_mask):
+def _masked_adapt_backward_fake(grad, saved, idx, student, teacher, mask, weight, bias, relu, output_mask):
     like = (student, teacher, weight, bias)
     return tuple(
         torch.empty_like(x, memory_format=torch.contiguous_format) if want and x is not None
@@ -183,17 +184,17 @@ def _adapt_setup_context(ctx, inputs, output):
     student, teacher, mask, weight, bias, relu, save = inputs
     ctx.relu = relu
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(output[1], student, teacher, mask, weight, bias)
+    ctx.save_for_backward(output[1], output[2], student, teacher, mask, weight, bias)
 
 
-def _adapt_backward(ctx, grad, _grad_saved):
-    saved, student, teacher, mask, weight, bias = ctx.saved_tensors
+def _adapt_backward(ctx, grad, _grad_saved, _grad_idx):
+    saved, idx, student, teacher, mask, weight, bias = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[3], need[4] and ctx.has_bias]
     grads = [None] * 7
     if any(output_mask):
         out = torch.ops.fgd._masked_adapt_backward.default(
-            grad, saved, student, teacher, mask, weight, bias, ctx.relu, output_mask)
+            grad, saved, idx, student, teacher, mask, weight, bias, ctx.relu, output_mask)
         for slot, want, g in zip((0, 1, 3, 4), output_mask, out):
             grads[slot] = g if want else None
     return tuple(grads)

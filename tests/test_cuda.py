@@ -156,7 +156,7 @@ def test_masked_adapt_loss_opcheck_and_float_weights(gen):
     check(s, t, weights, w, b, True)
     fwd = torch.ops.fgd._masked_adapt_forward.default
     torch.library.opcheck(fwd, (s.requires_grad_(), t, weights, w.requires_grad_(), b, True, True))
-    _, saved = fwd(s.detach(), t, weights, w.detach(), b, True, True)
+    _, saved, idx = fwd(s.detach(), t, weights, w.detach(), b, True, True)
     torch.library.opcheck(torch.ops.fgd._masked_adapt_backward.default,
-                          (torch.tensor(0.5, device=DEV), saved, s.detach(), t, weights, w.detach(), b, True,
-                           [True, True, True, True]))
+                          (torch.tensor(0.5, device=DEV), saved, idx, s.detach(), t, weights, w.detach(), b,
+                           True, [True, True, True, True]))

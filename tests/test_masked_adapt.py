@@ -152,8 +152,8 @@ def test_no_grad_forward_matches(gen):
         loss = fgd.ops.masked_adapt_loss(s.requires_grad_(), t, mask, w, b, relu=True)
     assert not loss.requires_grad
     torch.testing.assert_close(loss.double(), dense_reference(s, t, mask, w, b, True))
-    _, saved = torch.ops.fgd._masked_adapt_forward(s, t, mask, w, b, True, False)
-    assert saved.shape == (7, 0)  # nothing kept when no backward will run
+    _, saved, idx = torch.ops.fgd._masked_adapt_forward(s, t, mask, w, b, True, False)
+    assert saved.shape == (7, 0) and idx.shape == (0,)  # nothing kept when no backward will run
 
 
 def test_non_finite_features_outside_the_neighbourhood_never_count(gen):
@@ -208,12 +208,13 @@ def test_opcheck(gen):
     torch.library.opcheck(fwd, (s.double(), t.double().requires_grad_(), mask.double(), w.double(), None,
                                 False, True))
     torch.library.opcheck(fwd, (s.detach(), t, mask, w.detach(), b, False, False))
-    _, saved = fwd(s.detach(), t, mask, w.detach(), b, True, True)
+    _, saved, idx = fwd(s.detach(), t, mask, w.detach(), b, True, True)
+    assert torch.equal(idx, mask.reshape(-1).nonzero().view(-1))
     torch.library.opcheck(torch.ops.fgd._masked_adapt_backward.default,
-                          (torch.tensor(0.5), saved, s.detach(), t, mask, w.detach(), b, True,
+                          (torch.tensor(0.5), saved, idx, s.detach(), t, mask, w.detach(), b, True,
                            [True, True, True, True]))
     torch.library.opcheck(torch.ops.fgd._masked_adapt_backward.default,
-                          (torch.tensor(0.5), saved, s.detach(), t, mask, w.detach(), None, True,
+                          (torch.tensor(0.5), saved, idx, s.detach(), t, mask, w.detach(), None, True,
                            [True, False, False, False]))
 
 
@@ -281,9 +282,10 @@ def test_bad_python_arguments():
 
 
 def test_backward_rejects_a_foreign_saved_tensor():
-    with pytest.raises(ValueError, match=r"saved must be the \[Ct, N\] = \[8, 60\] tensor"):
-        torch.ops.fgd._masked_adapt_backward(torch.tensor(1.0), torch.zeros(8, 3), S, T, M, W3, B8, False,
-                                             [True, False, False, False])
+    idx = torch.arange(60)
+    with pytest.raises(ValueError, match=r"saved \[Ct, N\] and idx \[N\] must be the tensors .* \(Ct = 8\)"):
+        torch.ops.fgd._masked_adapt_backward(torch.tensor(1.0), torch.zeros(8, 3), idx, S, T, M, W3, B8,
+                                             False, [True, False, False, False])
 
 
 def test_autocast_runs_in_the_autocast_dtype_like_conv2d(gen):

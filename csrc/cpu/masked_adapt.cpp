@@ -152,19 +152,19 @@ at::Tensor epilogue_cpu(at::Tensor& z, const at::Tensor& teacher, const at::Tens
 
 const AdaptKernels kCpuKernels{&im2col_cpu, &col2im_cpu, &epilogue_cpu};
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                               const at::Tensor& mask, const at::Tensor& weight,
-                                               const c10::optional<at::Tensor>& bias, bool relu,
-                                               bool save) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool relu, bool save) {
   return masked_adapt_forward(kCpuKernels, student, teacher, mask, weight, bias, relu, save);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& student,
-    const at::Tensor& teacher, const at::Tensor& mask, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, bool relu, std::array<bool, 4> output_mask) {
-  return masked_adapt_backward(kCpuKernels, grad, saved, student, teacher, mask, weight, bias, relu,
-                               output_mask);
+    const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& idx,
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool relu,
+    std::array<bool, 4> output_mask) {
+  return masked_adapt_backward(kCpuKernels, grad, saved, idx, student, teacher, mask, weight, bias,
+                               relu, output_mask);
 }
 
 }  // namespace

@@ -15,8 +15,7 @@ struct Geometry {
   int64_t C, H, W, n, k;
 };
 
-// Element e of a [rows, n] chunk matrix: its location (b, y, x) and, for im2col / col2im rows, the
-// channel and tap it reads.
+// Element e of a [rows, n] chunk matrix: its row and its location (b, y, x).
 struct Element {
   int64_t b, y, x, row, i;
 };
@@ -31,17 +30,24 @@ __device__ inline Element element(const int64_t* idx, int64_t e, int64_t n, int6
   return el;
 }
 
+// Offset in the [B, C, H, W] feature of what element e of an im2col matrix reads (row = channel
+// and k x k tap), or -1 where the tap falls in the zero padding.
+__device__ inline int64_t tap_offset(const int64_t* idx, int64_t e, const Geometry& g) {
+  const Element el = element(idx, e, g.n, g.H, g.W);
+  const int64_t c = el.row / (g.k * g.k);
+  const int64_t yy = el.y + (el.row / g.k) % g.k - g.k / 2;
+  const int64_t xx = el.x + el.row % g.k - g.k / 2;
+  if (yy < 0 || yy >= g.H || xx < 0 || xx >= g.W) return -1;
+  return ((el.b * g.C + c) * g.H + yy) * g.W + xx;
+}
+
 template <typename scalar_t>
 __global__ void im2col_kernel(const scalar_t* __restrict__ s, const int64_t* __restrict__ idx,
                               Geometry g, int64_t total, scalar_t* __restrict__ cols) {
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
        e += (int64_t)gridDim.x * blockDim.x) {
-    const Element el = element(idx, e, g.n, g.H, g.W);
-    const int64_t c = el.row / (g.k * g.k);
-    const int64_t yy = el.y + (el.row / g.k) % g.k - g.k / 2;
-    const int64_t xx = el.x + el.row % g.k - g.k / 2;
-    const bool in = yy >= 0 && yy < g.H && xx >= 0 && xx < g.W;
-    cols[e] = in ? s[((el.b * g.C + c) * g.H + yy) * g.W + xx] : scalar_t(0);
+    const int64_t src = tap_offset(idx, e, g);
+    cols[e] = src >= 0 ? s[src] : scalar_t(0);
   }
 }
 
@@ -50,13 +56,8 @@ __global__ void col2im_kernel(const scalar_t* __restrict__ cols, const int64_t* 
                               Geometry g, int64_t total, acc_t* __restrict__ grad) {
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
        e += (int64_t)gridDim.x * blockDim.x) {
-    const Element el = element(idx, e, g.n, g.H, g.W);
-    const int64_t c = el.row / (g.k * g.k);
-    const int64_t yy = el.y + (el.row / g.k) % g.k - g.k / 2;
-    const int64_t xx = el.x + el.row % g.k - g.k / 2;
-    if (yy >= 0 && yy < g.H && xx >= 0 && xx < g.W) {
-      atomicAdd(grad + ((el.b * g.C + c) * g.H + yy) * g.W + xx, static_cast<acc_t>(cols[e]));
-    }
+    const int64_t dst = tap_offset(idx, e, g);
+    if (dst >= 0) atomicAdd(grad + dst, static_cast<acc_t>(cols[e]));
   }
 }
 
@@ -137,20 +138,20 @@ at::Tensor epilogue_cuda(at::Tensor& z, const at::Tensor& teacher, const at::Ten
 
 const AdaptKernels kCudaKernels{&im2col_cuda, &col2im_cuda, &epilogue_cuda};
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                const at::Tensor& mask, const at::Tensor& weight,
-                                                const c10::optional<at::Tensor>& bias, bool relu,
-                                                bool save) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool relu, bool save) {
   const c10::cuda::CUDAGuard guard(student.device());
   return masked_adapt_forward(kCudaKernels, student, teacher, mask, weight, bias, relu, save);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& student,
-    const at::Tensor& teacher, const at::Tensor& mask, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, bool relu, std::array<bool, 4> output_mask) {
+    const at::Tensor& grad, const at::Tensor& saved, const at::Tensor& idx,
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool relu,
+    std::array<bool, 4> output_mask) {
   const c10::cuda::CUDAGuard guard(student.device());
-  return masked_adapt_backward(kCudaKernels, grad, saved, student, teacher, mask, weight, bias,
+  return masked_adapt_backward(kCudaKernels, grad, saved, idx, student, teacher, mask, weight, bias,
                                relu, output_mask);
 }
 
