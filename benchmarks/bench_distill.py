@@ -11,13 +11,12 @@ default) and dense (conv2d + imitation_loss, sparse_adaptation=False).
 """
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 
 import fgd
-from fgd.bench import device_name
+from fgd.bench import device_name, time_ms
+from fgd.distill import level_anchors
 from fgd.testing import random_boxes, tiny_detector
 
 
@@ -48,21 +47,6 @@ def data(batch, size, device, seed=0):
         targets.append({"boxes": random_boxes(n, (size, size), min_size=8, generator=g).to(device),
                         "labels": torch.randint(1, 4, (n,), generator=g).to(device)})
     return images, targets
-
-
-def timed(fn, repeat, device):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -97,14 +81,11 @@ def main(argv=None):
     with torch.no_grad():
         t_all = list(teacher.backbone(batch).values())
     t_feats = [d._same_stride(f, t_all, i) for i, f in enumerate(s_feats)]
-    gen = student.rpn.anchor_generator
-    shapes = [torch.empty((1, 1, *f.shape[-2:]), device=device) for f in s_feats]
     boxes = [t["boxes"] for t in tv_targets]
 
     def anchors_and_masks():
-        a = gen(image_list, shapes)[0]
-        a = a.split([f.shape[-2] * f.shape[-1] * k for f, k in zip(s_feats, gen.num_anchors_per_location())])
-        return d.masks(list(a), boxes, [f.shape[-2:] for f in s_feats], batch.shape[-2:])
+        anchors = level_anchors(student, image_list, s_feats)
+        return d.masks(anchors, boxes, [f.shape[-2:] for f in s_feats], batch.shape[-2:])
 
     masks = anchors_and_masks()
 
@@ -123,16 +104,18 @@ def main(argv=None):
             total.backward()
         return run
 
-    r = args.repeat
-    student_ms = timed(student_step, r, device)
-    teacher_ms = timed(teacher_forward, r, device)
+    def timed(fn):
+        return time_ms(fn, device, args.repeat, warmup=2)
+
+    student_ms = timed(student_step)
+    teacher_ms = timed(teacher_forward)
     rows = [("student step alone (fwd+bwd)", student_ms),
-            ("distiller step, sparse adaptation (default)", timed(distill_step(d), r, device)),
-            ("distiller step, dense adaptation", timed(distill_step(d_dense), r, device)),
+            ("distiller step, sparse adaptation (default)", timed(distill_step(d))),
+            ("distiller step, dense adaptation", timed(distill_step(d_dense))),
             ("  teacher backbone forward", teacher_ms),
-            ("  anchors + imitation masks", timed(anchors_and_masks, r, device)),
-            ("  adapters + imitation loss, fwd+bwd: sparse", timed(adapt_and_loss(True), r, device)),
-            ("  adapters + imitation loss, fwd+bwd: dense", timed(adapt_and_loss(False), r, device))]
+            ("  anchors + imitation masks", timed(anchors_and_masks)),
+            ("  adapters + imitation loss, fwd+bwd: sparse", timed(adapt_and_loss(True))),
+            ("  adapters + imitation loss, fwd+bwd: dense", timed(adapt_and_loss(False)))]
     print(f"fgd {fgd.__version__} | torch {torch.__version__} | device: {device_name(device)}")
     density = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     print(f"pair: {args.pair}, batch {args.batch} x {args.size}x{args.size}, "

@@ -116,6 +116,7 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .distill import LEVEL_POLICIES, MASK_MODES
     from .engine import TrainConfig
 
     p = argparse.ArgumentParser(prog="fgd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--num", type=int, default=8, help="how many images")
     v.add_argument("--detections", action="store_true", help="also draw the checkpoint's detections")
     v.add_argument("--thresh", type=float, default=0.5)
-    v.add_argument("--level-policy", default="assigned")
-    v.add_argument("--mask-mode", default="fgfi")
+    v.add_argument("--level-policy", default="assigned", choices=LEVEL_POLICIES)
+    v.add_argument("--mask-mode", default="fgfi", choices=MASK_MODES)
     v.set_defaults(func=cmd_viz)
 
     sub.add_parser("bench", help="the kernel benchmarks (fgd.bench; `fgd bench --help` for its options)")

@@ -8,7 +8,8 @@ The distiller records the student's and the teacher's feature maps with forward 
 only while its forward runs (so ``d.student`` stays a plain model), builds one imitation mask per
 imitated level from the student's own anchors and the batch's ground truth, maps the student
 features to the teacher's channels with an adaptation conv per level and adds
-``imitation_weight * sum_levels fgd.ops.imitation_loss(adapt(s), t, mask)``.
+``imitation_weight * sum_levels imitation_loss(adapt(s), t, mask)`` -- computed at the masked
+locations only (fgd.ops.masked_adapt_loss) unless ``sparse_adaptation=False``.
 """
 from __future__ import annotations
 
@@ -100,6 +101,18 @@ def _anchor_generator(model: nn.Module):
     if hasattr(model, "rpn") and hasattr(model.rpn, "anchor_generator"):
         return model.rpn.anchor_generator  # Faster R-CNN / Mask R-CNN
     return getattr(model, "anchor_generator", None)  # RetinaNet, FCOS
+
+
+def level_anchors(model: nn.Module, image_list, feats: Sequence[Tensor]) -> list:
+    """A torchvision detector's anchors per level, [H_l*W_l*K_l, 4] each (one image's: all images of
+    a padded batch share them), for ``image_list`` (its transform's output) and its feature maps.
+    They are computed from float32 stand-ins of the feature shapes, so they stay exact under autocast."""
+    gen = _anchor_generator(model)
+    device = image_list.tensors.device
+    shapes = [torch.empty((1, 1, *f.shape[-2:]), device=device) for f in feats]
+    anchors = gen(image_list, shapes)[0]
+    return list(anchors.split([f.shape[-2] * f.shape[-1] * k
+                               for f, k in zip(feats, gen.num_anchors_per_location())]))
 
 
 def _is_torchvision_detector(model: nn.Module) -> bool:
@@ -304,12 +317,7 @@ class Distiller(nn.Module):
             t_in = batch.to(t_param.dtype) if t_param is not None and t_param.is_floating_point() else batch
             t_all = _flatten(self.teacher.backbone(t_in), "the teacher's backbone")
             t_feats = [self._same_stride(f, t_all, lvl) for lvl, f in enumerate(s_feats)]
-            # Float32 stand-ins of the feature shapes: the anchors then stay exact under autocast.
-            shapes = [torch.empty((1, 1, *f.shape[-2:]), device=batch.device) for f in s_feats]
-            anchors = _anchor_generator(student)(image_list, shapes)[0]
-            sizes = [f.shape[-2] * f.shape[-1] * k
-                     for f, k in zip(s_feats, _anchor_generator(student).num_anchors_per_location())]
-            anchors = list(anchors.split(sizes))
+            anchors = level_anchors(student, image_list, s_feats)
         return losses, s_feats, t_feats, anchors, [t["boxes"] for t in tv_targets], batch.shape[-2:]
 
     @staticmethod

@@ -123,6 +123,14 @@ def _figure(width, height):
     return Figure(figsize=(width, height), dpi=100)
 
 
+def _save_figure(fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def _read_log(path, keys):
     """``iteration`` and each key's values from a CSV log; empty or unparsable cells are skipped."""
     path = Path(path)
@@ -166,11 +174,7 @@ def plot_curves(logs: dict, path, keys=("loss",), title=None) -> Path:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_map_table(rows: dict, path, metrics=("AP", "AP50", "AP75")) -> Path:
@@ -189,8 +193,4 @@ def plot_map_table(rows: dict, path, metrics=("AP", "AP50", "AP75")) -> Path:
     ax.set_ylabel("COCO metric (x100)")
     if names:
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save_figure(fig, path)

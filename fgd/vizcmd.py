@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .distill import _anchor_generator, imitation_masks
+from .distill import imitation_masks, level_anchors
 
 
 @torch.no_grad()
@@ -15,10 +15,7 @@ def sample_masks(model, images, targets, *, mask_mode="fgfi", level_policy="assi
     model.eval()
     image_list, tt = model.transform(list(images), [dict(t) for t in targets])
     feats = list(model.backbone(image_list.tensors).values())
-    gen = _anchor_generator(model)
-    shapes = [torch.empty((1, 1, *f.shape[-2:]), device=f.device) for f in feats]
-    anchors = gen(image_list, shapes)[0]
-    anchors = list(anchors.split([f.shape[-2] * f.shape[-1] * k for f, k in zip(feats, gen.num_anchors_per_location())]))
+    anchors = level_anchors(model, image_list, feats)
     boxes = [t["boxes"] for t in tt]
     masks = imitation_masks(anchors, boxes, [f.shape[-2:] for f in feats], image_list.tensors.shape[-2:],
                             mask_mode=mask_mode, level_policy=level_policy, thresh=thresh)

@@ -65,5 +65,5 @@ def test_adapt_benchmark_baseline_computes_what_fgd_computes():
     w, bias = torch.randn(6, 6, 3, 3, generator=g) / 8, torch.randn(6, generator=g)
     mask = torch.rand(2, 9, 10, generator=g) < 0.3
     want = b.sparse(s, t, mask, w, bias)
-    torch.testing.assert_close(b.dense(b.eager_loss)(s, t, mask, w, bias), want)
+    torch.testing.assert_close(b.dense(fgd.bench.eager_imitation_loss)(s, t, mask, w, bias), want)
     torch.testing.assert_close(b.dense(fgd.imitation_loss)(s, t, mask, w, bias), want)
