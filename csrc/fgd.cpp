@@ -2,6 +2,7 @@
 #include "fgd.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 namespace fgd {
@@ -177,13 +178,17 @@ AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teach
   return a;
 }
 
-at::Tensor mask_weights(const at::Tensor& mask, at::ScalarType dtype) {
-  return mask.to(dtype).contiguous();
+at::Tensor mask_weights(const at::Tensor& mask, const at::Tensor& student) {
+  return mask.to(at::toOpMathType(student.scalar_type())).contiguous();
 }
 
 }  // namespace fgd
 
-TORCH_LIBRARY(fgd, m) {
+// Through a macro so that FGD_LIBRARY is expanded before TORCH_LIBRARY pastes it into names.
+#define FGD_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define FGD_TORCH_LIBRARY_AUTOGRAD(ns, m) TORCH_LIBRARY_IMPL(ns, Autograd, m)
+
+FGD_TORCH_LIBRARY(FGD_LIBRARY, m) {
   m.def("box_iou(Tensor boxes1, Tensor boxes2, float offset=0.0) -> Tensor");
   m.def(
       "imitation_mask(Tensor anchors, Tensor gt_boxes, Tensor gt_counts, SymInt[2] feat_size, "
@@ -208,7 +213,7 @@ TORCH_LIBRARY(fgd, m) {
 
 // box_iou and imitation_mask are not differentiable: skipping autograd keeps their outputs free of
 // a grad_fn even when the boxes require grad (e.g. predicted boxes).
-TORCH_LIBRARY_IMPL(fgd, Autograd, m) {
+FGD_TORCH_LIBRARY_AUTOGRAD(FGD_LIBRARY, m) {
   m.impl("box_iou", torch::CppFunction::makeFallthrough());
   m.impl("imitation_mask", torch::CppFunction::makeFallthrough());
 }

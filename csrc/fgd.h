@@ -5,6 +5,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymIntArrayRef.h>
 
+// The operator library: fgd, or fgd_emu for the emulated CUDA kernels (tests/emu_build.py), which
+// compiles fgd.cpp again so that both libraries share these schemas and checks.
+#ifndef FGD_LIBRARY
+#define FGD_LIBRARY fgd
+#endif
+
 namespace fgd {
 
 // Everything an imitation_mask kernel needs to know about the shapes.
@@ -28,8 +34,8 @@ AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teach
                               const at::Tensor& mask, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias);
 
-// The per-location weights the loss kernels read: the mask as `dtype` (float, or double for
-// float64 features), contiguous.
-at::Tensor mask_weights(const at::Tensor& mask, at::ScalarType dtype);
+// The per-location weights the loss kernels read: the mask, contiguous, in the type the kernels
+// accumulate `student` in (float, or double for float64 features).
+at::Tensor mask_weights(const at::Tensor& mask, const at::Tensor& student);
 
 }  // namespace fgd

@@ -118,36 +118,30 @@ def masked_adapt_loss(student: Tensor, teacher: Tensor, mask: Tensor, weight: Te
     return torch.ops.fgd._masked_adapt_forward.default(student, teacher, mask, weight, bias, relu, save)[0]
 
 
-# ---- shapes for torch.compile / meta tensors ---------------------------------------------------
+# ---- shapes for torch.compile / meta tensors, and autograd ------------------------------------
 
-@torch.library.register_fake("fgd::box_iou")
 def _box_iou_fake(boxes1, boxes2, offset=0.0):
     return boxes1.new_empty((*boxes1.shape[:-1], boxes2.shape[-2]))
 
 
-@torch.library.register_fake("fgd::imitation_mask")
 def _imitation_mask_fake(anchors, gt_boxes, gt_counts, feat_size, thresh=0.5, offset=0.0):
     return gt_boxes.new_empty((gt_boxes.shape[0], feat_size[0], feat_size[1]), dtype=torch.bool)
 
 
-@torch.library.register_fake("fgd::imitation_loss")
 def _imitation_loss_fake(student, teacher, mask):
     return student.new_empty(())
 
 
-@torch.library.register_fake("fgd::_imitation_loss_backward")
 def _imitation_loss_backward_fake(grad, student, teacher, mask):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("fgd::_masked_adapt_forward")
 def _masked_adapt_forward_fake(student, teacher, mask, weight, bias, relu, save):
     n = torch.library.get_ctx().new_dynamic_size() if save else 0
     return (student.new_empty(()), student.new_empty((weight.shape[0], n)),
             student.new_empty((n,), dtype=torch.long))
 
 
-@torch.library.register_fake("fgd::_masked_adapt_backward")
 def _masked_adapt_backward_fake(grad, saved, idx, student, teacher, mask, weight, bias, relu, output_mask):
     like = (student, teacher, weight, bias)
     return tuple(
@@ -157,27 +151,9 @@ def _masked_adapt_backward_fake(grad, saved, idx, student, teacher, mask, weight
     )
 
 
-# ---- autograd ----------------------------------------------------------------------------------
-
 def _loss_setup_context(ctx, inputs, output):
     student, teacher, mask = inputs
     ctx.save_for_backward(student, teacher, mask)
-
-
-def _loss_backward(ctx, grad):
-    student, teacher, mask = ctx.saved_tensors
-    grad_student = None
-    grad_teacher = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        g = torch.ops.fgd._imitation_loss_backward.default(grad, student, teacher, mask)
-        grad_student = g if ctx.needs_input_grad[0] else None
-        grad_teacher = -g if ctx.needs_input_grad[1] else None
-    return grad_student, grad_teacher, None
-
-
-torch.library.register_autograd(
-    "fgd::imitation_loss", _loss_backward, setup_context=_loss_setup_context
-)
 
 
 def _adapt_setup_context(ctx, inputs, output):
@@ -187,19 +163,43 @@ def _adapt_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2], student, teacher, mask, weight, bias)
 
 
-def _adapt_backward(ctx, grad, _grad_saved, _grad_idx):
-    saved, idx, student, teacher, mask, weight, bias = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    output_mask = [need[0], need[1], need[3], need[4] and ctx.has_bias]
-    grads = [None] * 7
-    if any(output_mask):
-        out = torch.ops.fgd._masked_adapt_backward.default(
-            grad, saved, idx, student, teacher, mask, weight, bias, ctx.relu, output_mask)
-        for slot, want, g in zip((0, 1, 3, 4), output_mask, out):
-            grads[slot] = g if want else None
-    return tuple(grads)
+def _register(lib: str) -> None:
+    """Fake kernels and autograd rules for the ops of library ``lib``: fgd, or fgd_emu (the CUDA
+    kernels built for the CPU through the emulator, tests/emu_build.py), which shares its schemas."""
+    ops = getattr(torch.ops, lib)
+    for name, fake in (("box_iou", _box_iou_fake), ("imitation_mask", _imitation_mask_fake),
+                       ("imitation_loss", _imitation_loss_fake),
+                       ("_imitation_loss_backward", _imitation_loss_backward_fake),
+                       ("_masked_adapt_forward", _masked_adapt_forward_fake),
+                       ("_masked_adapt_backward", _masked_adapt_backward_fake)):
+        torch.library.register_fake(f"{lib}::{name}", fake)
+
+    def loss_backward(ctx, grad):
+        student, teacher, mask = ctx.saved_tensors
+        grad_student = None
+        grad_teacher = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            g = ops._imitation_loss_backward.default(grad, student, teacher, mask)
+            grad_student = g if ctx.needs_input_grad[0] else None
+            grad_teacher = -g if ctx.needs_input_grad[1] else None
+        return grad_student, grad_teacher, None
+
+    def adapt_backward(ctx, grad, _grad_saved, _grad_idx):
+        saved, idx, student, teacher, mask, weight, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        output_mask = [need[0], need[1], need[3], need[4] and ctx.has_bias]
+        grads = [None] * 7
+        if any(output_mask):
+            out = ops._masked_adapt_backward.default(
+                grad, saved, idx, student, teacher, mask, weight, bias, ctx.relu, output_mask)
+            for slot, want, g in zip((0, 1, 3, 4), output_mask, out):
+                grads[slot] = g if want else None
+        return tuple(grads)
+
+    torch.library.register_autograd(f"{lib}::imitation_loss", loss_backward,
+                                    setup_context=_loss_setup_context)
+    torch.library.register_autograd(f"{lib}::_masked_adapt_forward", adapt_backward,
+                                    setup_context=_adapt_setup_context)
 
 
-torch.library.register_autograd(
-    "fgd::_masked_adapt_forward", _adapt_backward, setup_context=_adapt_setup_context
-)
+_register("fgd")

@@ -16,6 +16,12 @@ def _extent(lo: Tensor, hi: Tensor, offset: float) -> Tensor:
     return torch.where(hi >= lo, hi - lo + offset, torch.zeros_like(lo))
 
 
+def _overlap(lo: Tensor, hi: Tensor, offset: float) -> Tensor:
+    # max(0, hi - lo + offset): adding before clamping is the legacy formula with offset 1 (the
+    # official FGFI code, mmcv's bbox_overlaps; see csrc/box.h).
+    return (hi - lo + offset).clamp_min(0.0)
+
+
 def box_area(boxes: Tensor, offset: float = 0.0) -> Tensor:
     b = boxes.double()
     return _extent(b[..., 0], b[..., 2], offset) * _extent(b[..., 1], b[..., 3], offset)
@@ -25,8 +31,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, *, offset: float = 0.0) -> Tensor:
     """[..., N, 4] x [..., M, 4] -> float64 [..., N, M]; 0 where the union is empty."""
     a = boxes1.double()[..., :, None, :]
     b = boxes2.double()[..., None, :, :]
-    iw = _extent(torch.maximum(a[..., 0], b[..., 0]), torch.minimum(a[..., 2], b[..., 2]), offset)
-    ih = _extent(torch.maximum(a[..., 1], b[..., 1]), torch.minimum(a[..., 3], b[..., 3]), offset)
+    iw = _overlap(torch.maximum(a[..., 0], b[..., 0]), torch.minimum(a[..., 2], b[..., 2]), offset)
+    ih = _overlap(torch.maximum(a[..., 1], b[..., 1]), torch.minimum(a[..., 3], b[..., 3]), offset)
     inter = iw * ih
     union = box_area(boxes1, offset)[..., :, None] + box_area(boxes2, offset)[..., None, :] - inter
     return torch.where(union > 0, inter / union.clamp_min(torch.finfo(torch.float64).tiny), 0.0)

@@ -69,6 +69,35 @@ def test_offset_one_matches_legacy_formula():
     assert fgd.box_iou(a, b, offset=1.0).item() == pytest.approx(25 / (100 + 100 - 25))
 
 
+def legacy_iou(a, b):
+    """IoU as the official FGFI code and mmcv's bbox_overlaps compute it with the +1 convention,
+    written out: intersection max(0, min(x2) - max(x1) + 1), adding before clamping."""
+    a, b = a.double()[:, None], b.double()[None]
+    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0]) + 1).clamp_min(0)
+    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1]) + 1).clamp_min(0)
+    area = lambda x: (x[..., 2] - x[..., 0] + 1) * (x[..., 3] - x[..., 1] + 1)  # noqa: E731
+    return iw * ih / (area(a) + area(b) - iw * ih)
+
+
+def sub_pixel_boxes(gen, n=200):
+    """Boxes under 3 pixels wide in a 20-pixel square: many sub-pixel ones and many less than a
+    pixel apart, where adding before clamping decides whether they overlap."""
+    xy = torch.rand(n, 2, generator=gen) * 20
+    return torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * 3], dim=1)
+
+
+def test_offset_one_is_the_legacy_formula(gen):
+    boxes = sub_pixel_boxes(gen)
+    for dtype in (torch.float32, torch.float64):
+        got = fgd.box_iou(boxes.to(dtype), boxes.to(dtype), offset=1.0)
+        torch.testing.assert_close(got.double(), legacy_iou(boxes, boxes), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref.box_iou(boxes, boxes, offset=1.0), legacy_iou(boxes, boxes))
+    a = torch.tensor([[0.0, 0, 9, 9]])   # 10 x 10 pixels under +1
+    b = torch.tensor([[9.5, 0, 19, 9]])  # 10.5 x 10, half a pixel to the right: overlap 0.5 x 10
+    assert fgd.box_iou(a, b, offset=1.0).item() == pytest.approx(5 / (100 + 105 - 5))
+    assert fgd.box_iou(a, b, offset=0.0).item() == 0.0
+
+
 def test_huge_and_far_boxes(gen):
     huge = torch.tensor([[-1e6, -1e6, 1e6, 1e6], [0.0, 0, 1e6, 5e5]])
     small = random_boxes(20, (600, 600), generator=gen)

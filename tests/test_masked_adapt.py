@@ -26,14 +26,16 @@ def inputs(gen, B, Cs, Ct, H, W, k, bias=True, dtype=torch.float32):
     return [x if x is None else x.to(dtype) for x in (s, t, w, b)]
 
 
-def check(s, t, mask, w, b, relu, teacher_grad=True, tol=None):
-    """Value and every gradient of fgd against the float64 dense reference."""
+def check(s, t, mask, w, b, relu, teacher_grad=True, tol=None, fn=None):
+    """Value and every gradient of fgd (or ``fn``, another build of the op) against the float64
+    dense reference."""
     tol = tol or TOL[s.dtype]
+    fn = fn or fgd.ops.masked_adapt_loss
     leaves = [x.detach().clone().requires_grad_(x is not t or teacher_grad) if x is not None else None
               for x in (s, t, w, b)]
     ref_leaves = [x.detach().double().requires_grad_(x is not t or teacher_grad) if x is not None else None
                   for x in (s, t, w, b)]
-    got = fgd.ops.masked_adapt_loss(leaves[0], leaves[1], mask, leaves[2], leaves[3], relu=relu)
+    got = fn(leaves[0], leaves[1], mask, leaves[2], leaves[3], relu=relu)
     want = dense_reference(ref_leaves[0], ref_leaves[1], mask, ref_leaves[2], ref_leaves[3], relu)
     assert got.dtype == s.dtype and got.dim() == 0
     torch.testing.assert_close(got.double(), want, **tol)

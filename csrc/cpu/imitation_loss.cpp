@@ -3,6 +3,7 @@
 // non-zero weight (a 15 % FGFI mask touches well under half of them), and within a segment they
 // select on w != 0, so non-finite features at unmasked locations never reach the loss.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -143,20 +144,15 @@ void loss_backward(const S* s, const S* t, const W* w, W scale, int64_t B, int64
   });
 }
 
-// Mask weights are float32 for half and float32 features, float64 for float64 ones.
-at::ScalarType weight_type(const at::Tensor& student) {
-  return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor imitation_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
                               const at::Tensor& mask) {
   check_imitation_loss(student, teacher, mask);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const at::Tensor w = mask_weights(mask, weight_type(student));
+  const at::Tensor w = mask_weights(mask, student);
   const int64_t B = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fgd_loss_cpu", [&] {
-    using W = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using W = at::opmath_type<scalar_t>;  // the weights' type (mask_weights)
     const W* wp = w.const_data_ptr<W>();
     const Spans sp = find_spans(wp, B, HW);
     if (sp.total_weight > 0) {
@@ -173,12 +169,12 @@ at::Tensor imitation_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
   check_imitation_loss(student, teacher, mask);
   TORCH_CHECK_VALUE(grad.numel() == 1, "fgd._imitation_loss_backward: grad must be a scalar");
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const at::Tensor w = mask_weights(mask, weight_type(student));
+  const at::Tensor w = mask_weights(mask, student);
   const int64_t B = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
   at::Tensor out = at::empty_like(s);
   const double g = grad.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fgd_loss_bwd_cpu", [&] {
-    using W = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using W = at::opmath_type<scalar_t>;  // the weights' type (mask_weights)
     const W* wp = w.const_data_ptr<W>();
     const Spans sp = find_spans(wp, B, HW);
     const W scale = sp.total_weight > 0 ? static_cast<W>(g / sp.total_weight) : W(0);
