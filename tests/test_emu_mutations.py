@@ -14,18 +14,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (id, file under csrc/, text, replacement, tests to run (-k), caught?)
+# (id, file under csrc/, text, replacement, tests to run (-k), caught?[, what the failure must say])
 MUTATIONS = [
     ("mask-no-barrier-after-tile-fill", "cuda/imitation_mask.cu",
      "__syncthreads();\n      if (l >= HW || on) continue;", "if (l >= HW || on) continue;",
      "imitation_mask", True),
     ("mask-no-barrier-before-tile-refill", "cuda/imitation_mask.cu",
-     "__syncthreads();\n      for (int64_t i = threadIdx.x; i < tn; i += kThreads) {",
-     "for (int64_t i = threadIdx.x; i < tn; i += kThreads) {", "imitation_mask", True),
+     "__syncthreads();\n      for (const int64_t i : block_threads(0, tn)) {",
+     "for (const int64_t i : block_threads(0, tn)) {", "imitation_mask", True),
     ("block-reduce-shuffle-offset-starts-at-8", "cuda/common.cuh",
      "for (int d = 16; d > 0; d /= 2) v[i] = op(v[i], __shfl_down_sync(0xffffffffu, v[i], d));\n    if (lane",
      "for (int d = 8; d > 0; d /= 2) v[i] = op(v[i], __shfl_down_sync(0xffffffffu, v[i], d));\n    if (lane",
      "imitation_loss_parity or imitation_mask_parity", True),
+    ("mask-barrier-skipped-by-finished-threads", "cuda/imitation_mask.cu",
+     "__syncthreads();\n      if (l >= HW || on) continue;", "if (l >= HW || on) continue;\n      __syncthreads();",
+     "imitation_mask_parity", True, "deadlock: threads wait at different __syncthreads"),
     ("best-iou-plain-store-instead-of-atomicMax", "cuda/imitation_mask.cu",
      "atomic_max_nonneg(best + b * G + g0 + i, m[i])", "best[b * G + g0 + i] = m[i]", "imitation_mask", True),
     ("mask-gt-tile-loop-one-short", "cuda/imitation_mask.cu",
@@ -41,8 +44,9 @@ MUTATIONS = [
 ]
 
 
-@pytest.mark.parametrize("name,file,text,replacement,tests,caught", MUTATIONS, ids=[m[0] for m in MUTATIONS])
-def test_seeded_defect(tmp_path, name, file, text, replacement, tests, caught):
+@pytest.mark.parametrize("name,file,text,replacement,tests,caught,message",
+                         [m if len(m) == 7 else (*m, None) for m in MUTATIONS], ids=[m[0] for m in MUTATIONS])
+def test_seeded_defect(tmp_path, name, file, text, replacement, tests, caught, message):
     csrc = tmp_path / "csrc"
     shutil.copytree(REPO / "csrc", csrc)
     path = csrc / file
@@ -59,5 +63,6 @@ def test_seeded_defect(tmp_path, name, file, text, replacement, tests, caught):
     assert " error" not in summary, f"the mutant did not build or run:\n{out[-4000:]}"
     if caught:
         assert r.returncode == 1 and "failed" in summary, f"{name} was not caught:\n{out[-3000:]}"
+        assert message is None or message in out, f"{name}: the failure does not say {message!r}"
     else:
         assert r.returncode == 0 and "passed" in summary, f"{name} is now caught: mark it so\n{out[-3000:]}"

@@ -58,7 +58,7 @@ inline int64_t max_blocks() { return 4096; }   // enough to fill any current GPU
 constexpr int kThreads = 256;
 
 // The type a kernel accumulates and computes in: float for float16 / bfloat16 / float32, double
-// for float64 (ATen's opmath type). acc_type(dtype) is the same on the host.
+// for float64 (ATen's opmath type; at::toOpMathType on the host).
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
 
@@ -79,7 +79,8 @@ inline dim3 grid_2d(int64_t n, int64_t rows, int64_t per_thread = 4) {
 
 // The one grid-stride loop: `for (int64_t i : Stride(first, n, step))` visits first, first + step,
 // ... below n. thread_stride_x / thread_stride_y cover [0, n) with every thread of the grid along x
-// / y; block_stride_y with the blocks along y (every thread of a block visits the same items).
+// / y; block_stride_y with the blocks along y (every thread of a block visits the same items);
+// block_threads(lo, hi) covers [lo, hi) with the threads of one block (1-D blocks).
 struct Stride {
   struct It {
     int64_t i, step, n;
@@ -88,6 +89,7 @@ struct Stride {
       i += step;
       return *this;
     }
+    // Range-for's end test: "not done" is "below n", whatever the step lands on.
     __device__ __forceinline__ bool operator!=(const It&) const { return i < n; }
   };
   int64_t first, n, step;
@@ -102,6 +104,9 @@ __device__ __forceinline__ Stride thread_stride_y(int64_t n) {
 }
 __device__ __forceinline__ Stride block_stride_y(int64_t n) {
   return {(int64_t)blockIdx.y, n, (int64_t)gridDim.y};
+}
+__device__ __forceinline__ Stride block_threads(int64_t lo, int64_t hi) {
+  return {lo + threadIdx.x, hi, (int64_t)blockDim.x};
 }
 
 // Block-wide reductions of the n values every thread holds, with one barrier; the results are

@@ -16,9 +16,10 @@
 // Fibers switch only at those points, so a plain `+=` racing between threads is invisible here:
 // with FGD_EMU_THREADS each CUDA thread is an OS thread and __syncthreads a std::barrier, for
 // ThreadSanitizer (one block at a time; no deadlock detection there).
-// Not emulated (compile errors below; `extern __shared__` fails to compile too): dynamic shared memory, __syncwarp, the other shuffles and
-// votes, the other atomics, fences, cooperative groups. Not modelled at all: devices and streams
-// (everything runs synchronously on the CPU), the memory model, performance.
+// Not emulated (compile errors below; `extern __shared__` fails to compile too): dynamic shared
+// memory, __syncwarp, the other shuffles and votes, the other atomics, fences, cooperative groups.
+// Not modelled at all: devices and streams (everything runs synchronously on the CPU), the memory
+// model, performance.
 #pragma once
 
 #if defined(__CUDACC__)

@@ -50,7 +50,7 @@ __global__ void best_iou_kernel(const T* __restrict__ anchors, const T* __restri
   constexpr int64_t kChunk = kThreads * kAnchorsPerThread;
   for (const int64_t chunk : block_stride_y((A + kChunk - 1) / kChunk)) {
     const int64_t hi = A < (chunk + 1) * kChunk ? A : (chunk + 1) * kChunk;
-    for (int64_t j = chunk * kChunk + threadIdx.x; j < hi; j += kThreads) {
+    for (const int64_t j : block_threads(chunk * kChunk, hi)) {
       const T ax1 = a[4 * j], ay1 = a[4 * j + 1], ax2 = a[4 * j + 2], ay2 = a[4 * j + 3];
       const T area_a = box_area(ax1, ay1, ax2, ay2, off);
       for (int i = 0; i < kGtsPerBlock; ++i) {
@@ -81,7 +81,7 @@ __global__ void mask_kernel(const T* __restrict__ anchors, const T* __restrict__
     for (int64_t t0 = 0; t0 < n; t0 += kGtTile) {
       const int64_t tn = n - t0 < kGtTile ? n - t0 : kGtTile;
       __syncthreads();
-      for (int64_t i = threadIdx.x; i < tn; i += kThreads) {
+      for (const int64_t i : block_threads(0, tn)) {
         const T* g = gts + (b * G + t0 + i) * 4;
         const T m = best[b * G + t0 + i];
         tile[0][i] = g[0], tile[1][i] = g[1], tile[2][i] = g[2], tile[3][i] = g[3];
