@@ -112,10 +112,13 @@ def masked_adapt_loss(student: Tensor, teacher: Tensor, mask: Tensor, weight: Te
         dtype = torch.get_autocast_dtype(student.device.type)
         student, teacher, weight = student.to(dtype), teacher.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    # Keep the [Ct, N_p] gradient buffer only when a backward can follow.
-    save = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (student, teacher, weight, bias))
-    return torch.ops.fgd._masked_adapt_forward.default(student, teacher, mask, weight, bias, relu, save)[0]
+    return torch.ops.fgd._masked_adapt_forward.default(
+        student, teacher, mask, weight, bias, relu, _backward_may_follow(student, teacher, weight, bias))[0]
+
+
+def _backward_may_follow(*tensors) -> bool:
+    """Whether masked_adapt_loss must keep its [Ct, N_p] gradient buffer for a backward."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 # ---- shapes for torch.compile / meta tensors, and autograd ------------------------------------

@@ -48,7 +48,7 @@ class Backend:
         return self.ops.imitation_loss.default(s, t, mask)
 
     def masked_adapt_loss(self, s, t, mask, w, b=None, *, relu=False):
-        save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (s, t, w, b))
+        save = fgd.ops._backward_may_follow(s, t, w, b)
         return self.ops._masked_adapt_forward.default(s, t, mask, w, b, relu, save)[0]
 
 
