@@ -3,7 +3,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 namespace fgd {
 namespace {
@@ -24,8 +27,32 @@ void check_offset(double offset, const char* op) {
 
 void check_same_device(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb,
                        const char* op) {
-  TORCH_CHECK_VALUE(a.device() == b.device(), "fgd.", op, ": ", na, " and ", nb,
-                    " must be on the same device, got ", a.device(), " and ", b.device());
+  // RuntimeError, as PyTorch's own ops raise for tensors on different devices.
+  TORCH_CHECK(a.device() == b.device(), "fgd.", op, ": expected all tensors to be on the same device, ",
+              "but ", na, " is on ", a.device(), " and ", nb, " on ", b.device());
+}
+
+// The product of the non-zero sizes fits in int64, so every partial product the kernels form (H*W,
+// B*C, ...) does too, even for tensors with a zero dimension and huge others.
+void check_size_product(at::IntArrayRef sizes, const char* op, const char* name) {
+  int64_t product = 1;
+  for (const int64_t s : sizes) {
+    TORCH_CHECK_VALUE(s == 0 || !c10::mul_overflows(product, s, &product), "fgd.", op, ": ", name,
+                      " is too large: the product of its sizes ", c10::str(sizes),
+                      " overflows int64");
+  }
+}
+
+// Boxes on the CPU: finite and small enough that float32 areas cannot overflow (a side below
+// 2e18 squares to below FLT_MAX / 2, so a union of two such areas is finite). On a GPU the values
+// are not checked: that would cost a device sync per call.
+constexpr double kMaxCoordinate = 1e18;
+void check_coordinates(const at::Tensor& t, const char* op, const char* name) {
+  if (!t.is_cpu() || t.numel() == 0) return;
+  const at::Tensor a = t.abs().amax();
+  const double hi = a.item<double>();
+  TORCH_CHECK_VALUE(hi <= kMaxCoordinate, "fgd.", op, ": ", name, " must hold finite coordinates ",
+                    "within +-", kMaxCoordinate, ", got a value of magnitude ", hi);
 }
 
 // mask [B, H, W] of the student [B, C, H, W]: bool or non-negative floating weights.
@@ -38,11 +65,13 @@ void check_mask(const at::Tensor& mask, const at::Tensor& student, const char* o
                     "fgd.", op, ": mask must have shape [B, H, W] = [", student.size(0), ", ",
                     student.size(2), ", ", student.size(3), "], got ", shape_str(mask));
   check_same_device(student, "student", mask, "mask", op);
-  // Negative weights would make the loss reward error. Checking costs a sync on a GPU, so only here.
-  if (mask.is_cpu() && mask.is_floating_point() && mask.numel() > 0) {
-    const double lo = mask.min().item<double>();
-    TORCH_CHECK_VALUE(lo >= 0.0, "fgd.", op, ": mask weights must be non-negative, got a ",
-                      "minimum of ", lo);
+  // Negative weights would make the loss reward error, NaN or infinite ones make it NaN. Checking
+  // costs a device sync on a GPU, so only float weights (never the bool masks fgd builds) pay it.
+  if (mask.is_floating_point() && mask.numel() > 0 && !mask.is_meta()) {
+    const auto [lo, hi] = at::aminmax(mask);
+    const double l = lo.item<double>(), h = hi.item<double>();
+    TORCH_CHECK_VALUE(l >= 0.0 && std::isfinite(h), "fgd.", op, ": mask weights must be ",
+                      "finite and non-negative, got values in [", l, ", ", h, "]");
   }
 }
 
@@ -70,6 +99,11 @@ void check_box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2, double of
                     shape_str(boxes2));
   check_same_device(boxes1, "boxes1", boxes2, "boxes2", op);
   check_offset(offset, op);
+  // the output [B,] N, M
+  check_size_product({boxes1.dim() == 3 ? boxes1.size(0) : 1, boxes1.size(-2), boxes2.size(-2)}, op,
+                     "the output [B, N, M]");
+  check_coordinates(boxes1, op, "boxes1");
+  check_coordinates(boxes2, op, "boxes2");
 }
 
 MaskShape check_imitation_mask(const at::Tensor& anchors, const at::Tensor& gt_boxes,
@@ -104,15 +138,18 @@ MaskShape check_imitation_mask(const at::Tensor& anchors, const at::Tensor& gt_b
   s.W = feat_size[1].guard_int(__FILE__, __LINE__);
   TORCH_CHECK_VALUE(s.H > 0 && s.W > 0, "fgd.imitation_mask: feat_size must be two positive ",
                     "integers (H, W), got (", s.H, ", ", s.W, ")");
-  TORCH_CHECK_VALUE(s.A > 0 && s.A % (s.H * s.W) == 0, "fgd.imitation_mask: the number of ",
-                    "anchors (", s.A, ") must be a positive multiple of H*W = ", s.H, "*", s.W,
-                    " = ", s.H * s.W, " (K anchors per location)");
-  s.K = s.A / (s.H * s.W);
+  int64_t HW = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(s.H, s.W, &HW) && HW <= s.A && s.A % HW == 0,
+                    "fgd.imitation_mask: the number of anchors (", s.A, ") must be a positive ",
+                    "multiple of H*W = ", s.H, "*", s.W, " (K anchors per location)");
+  s.K = s.A / HW;
+  check_size_product({s.B, s.H, s.W}, op, "the output [B, H, W]");
+  check_size_product({s.B, s.G, s.A}, op, "the IoU count B*G*A");
   TORCH_CHECK_VALUE(thresh >= 0.0 && thresh < 1.0, "fgd.imitation_mask: thresh must be in [0, 1), ",
                     "got ", thresh);
   check_offset(offset, op);
   check_same_device(anchors, "anchors", gt_boxes, "gt_boxes", op);
-  TORCH_CHECK_VALUE(gt_counts.device() == gt_boxes.device() || gt_counts.is_cpu(),
+  TORCH_CHECK(gt_counts.device() == gt_boxes.device() || gt_counts.is_cpu(),
                     "fgd.imitation_mask: gt_counts must be on the CPU or on gt_boxes' device (",
                     gt_boxes.device(), "), got ", gt_counts.device());
   // Values can be checked without a device sync only on the CPU; the kernels clamp them anyway.
@@ -122,6 +159,8 @@ MaskShape check_imitation_mask(const at::Tensor& anchors, const at::Tensor& gt_b
     TORCH_CHECK_VALUE(lo >= 0 && hi <= s.G, "fgd.imitation_mask: gt_counts must be in [0, G] = [0, ",
                       s.G, "], got values in [", lo, ", ", hi, "]");
   }
+  check_coordinates(anchors, op, "anchors");
+  check_coordinates(gt_boxes, op, "gt_boxes");
   return s;
 }
 
@@ -137,8 +176,9 @@ void check_imitation_loss(const at::Tensor& student, const at::Tensor& teacher,
                     "got ", shape_str(student));
   TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "fgd.imitation_loss: teacher must have the ",
                     "shape of student ", shape_str(student), ", got ", shape_str(teacher));
-  check_mask(mask, student, op);
   check_same_device(student, "student", teacher, "teacher", op);
+  check_size_product(student.sizes(), op, "student");
+  check_mask(mask, student, op);
 }
 
 AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teacher,
@@ -162,6 +202,9 @@ AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teach
                     "with k = 1 or 3 (stride 1, padding k // 2), got ", shape_str(weight));
   AdaptShape a{student.size(0), student.size(1), weight.size(0), student.size(2), student.size(3),
                weight.size(2)};
+  TORCH_CHECK_VALUE(a.Cs > 0 && a.Ct > 0, "fgd.masked_adapt_loss: the adaptation conv needs at least ",
+                    "one input and one output channel (as conv2d does), got student ",
+                    shape_str(student), " and weight ", shape_str(weight));
   TORCH_CHECK_VALUE(weight.size(1) == a.Cs, "fgd.masked_adapt_loss: weight ", shape_str(weight),
                     " takes ", weight.size(1), " input channels but student ", shape_str(student),
                     " has ", a.Cs);
@@ -174,6 +217,12 @@ AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teach
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == a.Ct, "fgd.masked_adapt_loss: bias ",
                       "must have shape [Ct] = [", a.Ct, "], got ", shape_str(*bias));
   }
+  check_size_product({a.B, std::max(a.Cs, a.Ct), a.H, a.W}, op, "student / teacher");
+  check_size_product({a.Ct, a.Cs, a.k, a.k}, op, "weight");
+  // the CPU kernels keep a location's row and column in an int
+  TORCH_CHECK_VALUE(student.numel() == 0 || (a.H <= INT32_MAX && a.W <= INT32_MAX),
+                    "fgd.masked_adapt_loss: student's height ",
+                    "and width must be below 2^31, got ", shape_str(student));
   check_mask(mask, student, op);
   return a;
 }
@@ -187,6 +236,7 @@ at::Tensor mask_weights(const at::Tensor& mask, const at::Tensor& student) {
 // Through a macro so that FGD_LIBRARY is expanded before TORCH_LIBRARY pastes it into names.
 #define FGD_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define FGD_TORCH_LIBRARY_AUTOGRAD(ns, m) TORCH_LIBRARY_IMPL(ns, Autograd, m)
+#define FGD_TORCH_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 
 FGD_TORCH_LIBRARY(FGD_LIBRARY, m) {
   m.def("box_iou(Tensor boxes1, Tensor boxes2, float offset=0.0) -> Tensor");
@@ -209,6 +259,37 @@ FGD_TORCH_LIBRARY(FGD_LIBRARY, m) {
       "_masked_adapt_backward(Tensor grad, Tensor saved, Tensor idx, Tensor student, Tensor teacher, "
       "Tensor mask, Tensor weight, Tensor? bias, bool relu, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// The checks alone, for the shape functions in fgd/ops.py: tensors on the meta device reach those
+// instead of a kernel, and must fail as the kernels do (a bad shape, a meta tensor beside a CPU one).
+namespace fgd {
+namespace {
+void check_imitation_mask_op(const at::Tensor& anchors, const at::Tensor& gt_boxes,
+                             const at::Tensor& gt_counts, c10::SymIntArrayRef feat_size,
+                             double thresh, double offset) {
+  check_imitation_mask(anchors, gt_boxes, gt_counts, feat_size, thresh, offset);
+}
+void check_masked_adapt_op(const at::Tensor& student, const at::Tensor& teacher,
+                           const at::Tensor& mask, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias) {
+  check_masked_adapt(student, teacher, mask, weight, bias);
+}
+}  // namespace
+}  // namespace fgd
+
+FGD_TORCH_LIBRARY_FRAGMENT(FGD_LIBRARY, m) {
+  m.def("_check_box_iou(Tensor boxes1, Tensor boxes2, float offset) -> ()", &fgd::check_box_iou);
+  m.def(
+      "_check_imitation_mask(Tensor anchors, Tensor gt_boxes, Tensor gt_counts, SymInt[2] "
+      "feat_size, float thresh, float offset) -> ()",
+      &fgd::check_imitation_mask_op);
+  m.def("_check_imitation_loss(Tensor student, Tensor teacher, Tensor mask) -> ()",
+        &fgd::check_imitation_loss);
+  m.def(
+      "_check_masked_adapt(Tensor student, Tensor teacher, Tensor mask, Tensor weight, Tensor? "
+      "bias) -> ()",
+      &fgd::check_masked_adapt_op);
 }
 
 // box_iou and imitation_mask are not differentiable: skipping autograd keeps their outputs free of

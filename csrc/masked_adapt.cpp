@@ -17,7 +17,8 @@ namespace {
 int64_t chunk_rows(const AdaptShape& a, int64_t K, int64_t N) {
   const int64_t map = a.B * a.H * a.W * std::max(a.Cs, a.Ct);
   const int64_t budget = std::min<int64_t>(int64_t(1) << 23, map);
-  return std::max<int64_t>(1, std::min(N, std::max<int64_t>(32, budget / K)));
+  // K is 0 when the student has no channels (the conv is then its bias alone)
+  return std::max<int64_t>(1, std::min(N, std::max<int64_t>(32, budget / std::max<int64_t>(K, 1))));
 }
 
 struct Locations {
@@ -30,6 +31,10 @@ struct Locations {
 Locations locations(const at::Tensor& mask, at::Tensor idx, at::ScalarType wtype) {
   Locations l{std::move(idx)};
   l.w = mask.reshape(-1).index_select(0, l.idx).to(wtype).contiguous();
+  // Only the weights' ratios matter (the loss divides by their sum): scaled to a maximum of 1, so
+  // that w * (a - t) in a half-precision `saved` neither overflows (weights like 1e30) nor
+  // underflows (1e-30).
+  if (l.w.numel() > 0) l.w.div_(l.w.amax());
   const at::Tensor total = l.w.sum(at::kDouble);
   l.scale = at::where(total > 0, total.reciprocal(), at::zeros_like(total));
   return l;

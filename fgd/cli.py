@@ -57,8 +57,8 @@ def _config(args, cls):
                    if getattr(args, f.name) is not None})
     try:
         return cls.from_dict(values)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"fgd: bad configuration: {e}")
+    except (TypeError, ValueError) as e:  # the message names the key, its value and what is allowed
+        raise SystemExit(f"fgd train: {e}")
 
 
 def cmd_train(args):
@@ -67,7 +67,7 @@ def cmd_train(args):
     cfg = _config(args, TrainConfig)
     try:
         cfg.check()
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise SystemExit(f"fgd train: {e}")
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
     if cfg.distill and main:
@@ -82,18 +82,58 @@ def cmd_train(args):
     print(f"fgd train: final weights in {result['final']}")
 
 
+def _check_writable(path: Path, prog: str) -> None:
+    """SystemExit naming ``path`` unless a file can be written there (an existing file is left as is)."""
+    if path.is_dir():
+        raise SystemExit(f"{prog}: output {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise SystemExit(f"{prog}: output {path}: folder {path.parent} does not exist")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{prog}: cannot write output {path}: {e.strerror or e}")
+    if not existed:
+        path.unlink()
+
+
+def _check_classes(model, class_names, json_path):
+    """Label i of the model must be category i of the file (categories in id order): otherwise every
+    detection is scored as another class and the mAP is wrong without a word."""
+    from .data.coco import _class_names, _load_json
+
+    try:
+        names = _class_names(_load_json(json_path))
+    except ValueError as e:
+        raise SystemExit(f"fgd eval: {e}")
+    if class_names is not None:
+        if list(class_names) != names:
+            raise SystemExit(f"fgd eval: the checkpoint's classes {list(class_names[1:])} do not match the "
+                             f"categories of {json_path} {names[1:]} (in category id order)")
+        return
+    # a checkpoint that keeps no names (an older one): compare the number of classes at least
+    heads = getattr(model, "roi_heads", None)
+    n = heads.box_predictor.cls_score.out_features if heads is not None else model.head.classification_head.num_classes
+    if n != len(names):
+        raise SystemExit(f"fgd eval: the checkpoint has {n - 1} classes, {json_path} has {len(names) - 1} "
+                         f"categories {names[1:]}")
+
+
 def cmd_eval(args):
     import torch
 
     from .engine import TrainConfig, evaluate_model, load_detector
 
     device = torch.device(args.device)
-    model, c, _ = load_detector(args.checkpoint, device)
+    model, c, class_names = load_detector(args.checkpoint, device)
+    out = Path(args.out or Path(args.checkpoint).with_name("eval.json"))
+    _check_writable(out, "fgd eval")  # before the long work, not after it
+    _check_classes(model, class_names, args.json)
     cfg = TrainConfig(batch_size=args.batch_size, num_workers=args.num_workers)
     metrics = evaluate_model(model, args.json, args.images, cfg)
     print(metrics["summary"])
     print(f"images/s: {metrics['img/s']:.1f}")
-    out = Path(args.out or Path(args.checkpoint).with_name("eval.json"))
     out.write_text(json.dumps({k: v for k, v in metrics.items() if k != "summary"}, indent=2))
     print(f"fgd eval: saved {out}")
 
@@ -185,7 +225,12 @@ def main(argv=None):
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    from .engine import RunError
+
+    try:
+        return args.func(args) or 0
+    except RunError as e:  # a reason the user can act on: one line, no traceback
+        raise SystemExit(f"fgd {args.command}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ class Distiller(nn.Module):
             return self.student(images) if targets is None else self.student(images, targets)
         if targets is None:
             raise ValueError("fgd.Distiller: training needs targets (a list of dicts with 'boxes')")
-        step, self.iteration = self.iteration, self.iteration + 1
+        step = self.iteration
         warm = step < self.warmup_iters
         if self.torchvision:
             losses, s_feats, t_feats, anchors, boxes, image_size = self._torchvision_step(images, targets, warm)
@@ -301,6 +301,8 @@ class Distiller(nn.Module):
             zero = None
         losses = dict(losses)
         losses["loss_imitation"] = zero if warm else self._imitation(s_feats, t_feats, anchors, boxes, image_size)
+        # counted only now: a forward that raised (bad targets, OOM) must not shorten the warm-up
+        self.iteration = step + 1
         return losses
 
     def _torchvision_step(self, images, targets, warm):

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,56 @@ from .distill import Distiller
 from .models import build_detector
 
 log = logging.getLogger("fgd")
+
+
+# What each numeric setting allows beyond its type (None passes wherever the type is Optional).
+_RANGES = {
+    **{k: (lambda v: v >= 1, ">= 1") for k in ("iterations", "batch_size", "checkpoint_every", "log_every",
+                                               "keep_checkpoints", "student_fpn_channels", "teacher_fpn_channels",
+                                               "teacher_iterations", "threads")},
+    **{k: (lambda v: v >= 0, ">= 0") for k in ("weight_decay", "lr_warmup_iters", "imitation_weight",
+                                               "imitation_warmup", "num_workers")},
+    # below 33 a batch of one square image, padded to 32 by torchvision, reaches the stride-32 stage
+    # as 1x1: BatchNorm cannot train on one value per channel (tried: 32 fails, 33 trains)
+    "image_size": (lambda v: v >= 33, ">= 33"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    # clip_grad_norm_ scales by max / norm: a negative max reverses every gradient (training climbs
+    # the loss) and 0 zeroes them; null turns clipping off
+    "grad_clip": (lambda v: v > 0, "> 0 (or null: no clipping)"),
+    "thresh": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
+}
+
+
+def _check_settings(cls, values: dict) -> None:
+    """TypeError / ValueError naming the setting, its value and what it allows. Flags, YAML and JSON
+    all pass here, so "false" or 1 is no bool, 2.5 no count and "abc" no learning rate."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    for name, value in values.items():
+        optional = type(None) in typing.get_args(hints[name])
+        if value is None and optional:
+            continue
+        kind = next((t for t in typing.get_args(hints[name]) if t is not type(None)), hints[name])
+        # bool is an int to Python, and an int is a fine float
+        ok = isinstance(value, (int, float) if kind is float else kind)
+        if not ok or (kind is not bool and isinstance(value, bool)):
+            tip = ""
+            if kind is float and isinstance(value, str):
+                try:  # PyYAML reads 1e-3 as text: YAML 1.1 wants a dot in a float
+                    tip = f"; in YAML write {float(value)!r}"
+                except ValueError:
+                    pass
+            raise TypeError(f"config: {name} must be {words[kind]}{' or null' if optional else ''}, "
+                            f"got {value!r} ({type(value).__name__}){tip}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"config: {name} must be a finite number, got {value!r}")
+        test, allowed = _RANGES.get(name, (None, None))
+        if test is not None and not test(value):
+            raise ValueError(f"config: {name} must be {allowed}, got {value!r}")
 
 
 @dataclass
@@ -75,6 +128,7 @@ class TrainConfig:
     num_workers: int = 0
     flip: bool = True
     resume: bool = False
+    allow_changes: Optional[str] = None       # with resume: settings that may differ from the checkpoint's run
     progress: bool = True
 
     def resolved_imitation_warmup(self) -> int:
@@ -85,12 +139,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=str)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}")
+            raise ValueError(f"config: unknown keys {unknown}; known: {sorted(names)}")
+        _check_settings(cls, d)  # here too, so a bad file fails before anything else runs
         return cls(**d)
 
     def check(self):
+        _check_settings(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         for name in ("train_json", "train_images"):
             if not getattr(self, name):
                 raise ValueError(f"config: {name} is required")
@@ -111,9 +167,6 @@ class TrainConfig:
             raise ValueError(f"config: teacher_arch must be one of {ARCHS}, got {self.teacher_arch!r}")
         if self.distill and not (self.teacher_checkpoint or self.teacher_arch):
             raise ValueError("config: distillation needs teacher_checkpoint or teacher_arch (or set distill: false)")
-        for name in ("iterations", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
 
 
 # ---- distributed ------------------------------------------------------------------------------
@@ -149,9 +202,34 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
+# A checkpoint is data: tensors and plain containers only, loaded with weights_only=True, so a file
+# someone hands you cannot run code. It records its run's identity (run_id: a hash of the settings
+# that define what the run computes); its file name carries it, so pruning and resuming only ever
+# touch this run's files.
+
+class RunError(RuntimeError):
+    """A reason a run cannot go on that the user can act on; `fgd` prints it as one line."""
+
+
+# Settings that do not change what a run computes: a resume may change them freely.
+_NOT_IDENTITY = frozenset({"output_dir", "resume", "allow_changes", "progress", "log_every", "checkpoint_every",
+                           "keep_checkpoints", "threads", "num_workers", "val_json", "val_images"})
+
+
+def run_identity(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+
+
+def run_id(config: dict) -> str:
+    text = json.dumps(run_identity(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state as plain values (its array is not something weights_only loads)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, cached], "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -159,36 +237,137 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_TMP = ".{name}.tmp{pid}"
+
+
 def save_atomic(obj, path: Path):
     """Write to a temporary file in the same folder, then os.replace: a reader (or a resume after a
-    kill) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    kill) sees the old file or the new one, never half of one. A failed write (disk full, file too
+    large, the path a folder) removes its partial file, leaves the previous file as it was and
+    raises RunError; a kill leaves the temporary file, which the next start removes."""
+    tmp = path.with_name(_TMP.format(name=path.name, pid=os.getpid()))
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"could not write {path}: {e}; nothing was replaced (the previous file, if any, is "
+                       "intact)") from e
 
 
-def checkpoints(folder: Path) -> list:
-    return sorted(folder.glob("ckpt_*.pt"))
+def remove_temp_files(folder: Path) -> int:
+    """Delete the temporary files that killed or failed writes left in ``folder``; returns how many."""
+    removed = 0
+    for tmp in folder.glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
-def load_latest(folder: Path):
-    """The newest checkpoint that loads; a corrupt one is reported and the previous one is used."""
-    for path in reversed(checkpoints(folder)):
+def load_checkpoint(path, required=("config",)) -> dict:
+    """The dict an fgd checkpoint holds, loaded as data; RunError in one line naming the file and
+    what was expected when it is missing, empty, truncated, foreign or would need code to load."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    if path.stat().st_size == 0:
+        raise RunError(f"checkpoint {path} is empty (0 bytes): an interrupted copy? Expected a .pt file written "
+                       "by fgd train")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/pickle readers raise several types for a truncated or foreign file
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line or "global" in line), None)
+        if isinstance(e, pickle.UnpicklingError) and code:  # weights_only refused what would run code
+            raise RunError(f"refusing to load {path}: it holds objects that need code to load ({code}); an fgd "
+                           "checkpoint holds only tensors and plain values. Never load files you do not trust") \
+                from None
+        reason = next((line for line in lines if "error" in line.lower() or "operand" in line), lines[-1] if lines
+                      else type(e).__name__)
+        raise RunError(f"checkpoint {path} is not readable as a PyTorch file ({reason[:200]}); expected a .pt "
+                       "file written by fgd train") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise RunError(f"{path} is not an fgd checkpoint: no {', '.join(repr(k) for k in missing)} entries")
+    return ckpt
+
+
+_CKPT = re.compile(r"ckpt_(?:(?P<run>[0-9a-f]{12})_)?(?P<it>\d+)\.pt$")
+
+
+def checkpoints(folder: Path, run: Optional[str] = None) -> list:
+    """Checkpoints in ``folder``, oldest iteration first: of run ``run`` only, or of every run
+    (names without a run id, from before ids existed, count as another run)."""
+    found = []
+    for path in Path(folder).glob("ckpt_*.pt"):
+        m = _CKPT.match(path.name)
+        if m and (run is None or m["run"] == run):
+            found.append((int(m["it"]), path))
+    return [p for _, p in sorted(found)]
+
+
+def load_latest(folder: Path, run: Optional[str] = None):
+    """The newest checkpoint of run ``run`` (any run if None) that loads; a corrupt one is reported
+    and the previous one is used."""
+    for path in reversed(checkpoints(folder, run)):
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or garbled file: say so, fall back
-            log.error("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                      path, type(e).__name__, e)
+            return path, load_checkpoint(path, ("model", "iteration", "config"))
+        except RunError as e:  # truncated or garbled file: say so, fall back
+            log.error("%s; falling back to the previous checkpoint", e)
     return None, None
+
+
+def _differences(old: dict, new: dict) -> dict:
+    keys = sorted(set(run_identity(old)) | set(run_identity(new)))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
+def _checkpoint_to_resume(ckpt_dir: Path, cfg) -> tuple:
+    """(path, checkpoint) to resume, or (None, None) to start fresh. This run's newest checkpoint;
+    else another run's only if the settings that differ are all in cfg.allow_changes."""
+    rid = run_id(dataclasses.asdict(cfg))
+    path, ckpt = load_latest(ckpt_dir, rid)
+    if ckpt is not None or not checkpoints(ckpt_dir):
+        return path, ckpt
+    path, ckpt = load_latest(ckpt_dir)
+    if ckpt is None:
+        return None, None
+    diff = _differences(ckpt["config"], dataclasses.asdict(cfg))
+    allowed = {k.strip() for k in (cfg.allow_changes or "").split(",") if k.strip()}
+    refused = {k: v for k, v in diff.items() if k not in allowed and "*" not in allowed}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in refused.items())
+        raise RunError(f"--resume: the newest checkpoint in {ckpt_dir} ({path.name}) belongs to another run: "
+                       f"{listed}. To continue it with the new settings pass --allow-changes "
+                       f"{','.join(refused)}; to start this run afresh, use another --output-dir or drop --resume")
+    log.warning("resuming %s, a run with other settings (%s), as --allow-changes permits", path.name,
+                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+    return path, ckpt
+
+
+def _set_aside_old_checkpoints(ckpt_dir: Path) -> None:
+    """A fresh run starts with no checkpoints beside it: earlier ones are moved (never deleted) to
+    a folder of their own, so that pruning and a later --resume can only meet this run's."""
+    old = checkpoints(ckpt_dir)
+    if not old:
+        return
+    aside = ckpt_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for path in old:
+        os.replace(path, aside / path.name)
+    log.warning("a fresh run in %s: moved %d checkpoints of an earlier run to %s (pass --resume to "
+                "continue a run instead)", ckpt_dir, len(old), aside)
 
 
 # ---- schedule ---------------------------------------------------------------------------------
@@ -228,13 +407,18 @@ def build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 def load_detector(path, device="cpu") -> tuple:
     """(model, config dict, class names) from a checkpoint written by `fgd train`."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "student" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not an fgd checkpoint (no 'student' / 'config' entries)")
+    ckpt = load_checkpoint(path, ("config", "num_classes"))
+    if "student" not in ckpt:
+        raise RunError(f"{path} is a training checkpoint (what --resume reads); a detector's weights are in "
+                       "the run's final.pt")
     c = ckpt["config"]
-    model = build_detector(c["student_arch"], ckpt["num_classes"], c["image_size"], detector=c["detector"],
-                           fpn_channels=c["student_fpn_channels"])
-    model.load_state_dict(ckpt["student"])
+    try:
+        model = build_detector(c["student_arch"], ckpt["num_classes"], c["image_size"], detector=c["detector"],
+                               fpn_channels=c["student_fpn_channels"])
+        model.load_state_dict(ckpt["student"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise RunError(f"{path}: its weights do not fit the detector its config describes "
+                       f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model.to(device).eval(), c, ckpt.get("class_names")
 
 
@@ -245,17 +429,20 @@ def _teacher(cfg: TrainConfig, num_classes: int, dist: Dist) -> nn.Module:
             raise ValueError(f"teacher checkpoint {cfg.teacher_checkpoint} was trained at image_size "
                              f"{c['image_size']}, this run uses {cfg.image_size}: the two transforms must match")
         return teacher
-    # from scratch: a run of its own, in output_dir/teacher, reused if already finished
+    # from scratch: a run of its own, in output_dir/teacher, reused if that run (same settings) finished
     tcfg = dataclasses.replace(
         cfg, distill=False, teacher_arch=None, teacher_checkpoint=None, student_arch=cfg.teacher_arch,
         student_fpn_channels=cfg.teacher_fpn_channels, iterations=cfg.teacher_iterations or cfg.iterations,
-        output_dir=str(Path(cfg.output_dir) / "teacher"), val_json=None, val_images=None)
+        output_dir=str(Path(cfg.output_dir) / "teacher"), val_json=None, val_images=None, allow_changes=None)
     final = Path(tcfg.output_dir) / "final.pt"
-    if not final.exists():
+    rid = run_id(dataclasses.asdict(tcfg))
+    if not (final.exists() and load_checkpoint(final).get("run_id") == rid):
+        # resume this teacher's own run if it was killed; another teacher's checkpoints are set aside
+        own = bool(checkpoints(Path(tcfg.output_dir) / "checkpoints", rid))
         if dist.main:
             log.info("training the teacher (%s) from scratch for %d iterations in %s",
                      tcfg.student_arch, tcfg.iterations, tcfg.output_dir)
-        train(dataclasses.replace(tcfg, resume=True))
+        train(dataclasses.replace(tcfg, resume=own))
     teacher, _, _ = load_detector(final)
     return teacher
 
@@ -268,8 +455,16 @@ def train(cfg: TrainConfig) -> dict:
     dist = setup_distributed()
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    rid = run_id(dataclasses.asdict(cfg))
     if dist.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_temp_files(ckpt_dir) + remove_temp_files(out)
+        if removed:
+            log.info("removed %d temporary files left by interrupted or failed writes in %s", removed, out)
+        if not cfg.resume:
+            _set_aside_old_checkpoints(ckpt_dir)
+    if dist.world > 1:
+        torch.distributed.barrier()  # every rank sees the folder as rank 0 left it
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -294,7 +489,7 @@ def train(cfg: TrainConfig) -> dict:
 
     it, epoch, position = 0, 0, 0
     if cfg.resume:
-        path, ckpt = load_latest(ckpt_dir)
+        path, ckpt = _checkpoint_to_resume(ckpt_dir, cfg)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -309,7 +504,7 @@ def train(cfg: TrainConfig) -> dict:
 
     if dist.main:
         with open(out / "config.json", "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "resolved_imitation_warmup": warmup}, f, indent=2)
+            json.dump({**dataclasses.asdict(cfg), "resolved_imitation_warmup": warmup, "run_id": rid}, f, indent=2)
         if cfg.distill:
             log.info("imitation warm-up: %d iterations (of %d)", warmup, cfg.iterations)
     logger = _Logger(out, it, dist.main, cfg)
@@ -369,7 +564,7 @@ def train(cfg: TrainConfig) -> dict:
     if dist.main:
         student_state = _unwrap(model).student.state_dict() if cfg.distill else _unwrap(model).state_dict()
         save_atomic({"student": student_state, "config": dataclasses.asdict(cfg), "num_classes": ds.num_classes,
-                     "class_names": ds.class_names, "iteration": it}, final)
+                     "class_names": ds.class_names, "iteration": it, "run_id": rid}, final)
     metrics = None
     if cfg.val_json:
         student = _unwrap(model).student if cfg.distill else _unwrap(model)
@@ -390,11 +585,13 @@ def _checkpoint(model, opt, sched, scaler, it, epoch, position, cfg, ds, dist, c
         rng = gathered
     if not dist.main:
         return
+    config = dataclasses.asdict(cfg)
+    rid = run_id(config)
     state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "scaler": scaler.state_dict(), "iteration": it, "epoch": epoch, "position": position, "rng": rng,
-             "config": dataclasses.asdict(cfg), "num_classes": ds.num_classes}
-    save_atomic(state, ckpt_dir / f"ckpt_{it:08d}.pt")
-    for old in checkpoints(ckpt_dir)[: -cfg.keep_checkpoints]:
+             "config": config, "run_id": rid, "num_classes": ds.num_classes, "class_names": ds.class_names}
+    save_atomic(state, ckpt_dir / f"ckpt_{rid}_{it:08d}.pt")
+    for old in checkpoints(ckpt_dir, rid)[: -cfg.keep_checkpoints]:  # only this run's, by iteration
         old.unlink(missing_ok=True)
 
 

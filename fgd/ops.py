@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["box_iou", "imitation_mask", "imitation_loss", "masked_adapt_loss"]
 
@@ -108,7 +112,7 @@ def masked_adapt_loss(student: Tensor, teacher: Tensor, mask: Tensor, weight: Te
     if not isinstance(relu, bool):
         raise TypeError(f"fgd.{op}: relu must be a bool, got {type(relu).__name__}")
     # Under autocast the dense path's conv2d would run in the autocast dtype: so does this.
-    if torch.is_autocast_enabled(student.device.type) and student.is_floating_point():
+    if not student.is_meta and torch.is_autocast_enabled(student.device.type) and student.is_floating_point():
         dtype = torch.get_autocast_dtype(student.device.type)
         student, teacher, weight = student.to(dtype), teacher.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -123,35 +127,68 @@ def _backward_may_follow(*tensors) -> bool:
 
 # ---- shapes for torch.compile / meta tensors, and autograd ------------------------------------
 
-def _box_iou_fake(boxes1, boxes2, offset=0.0):
-    return boxes1.new_empty((*boxes1.shape[:-1], boxes2.shape[-2]))
+def _checked(check):
+    """Run the op's C++ checks in its shape function when the tensors are real meta tensors: those
+    reach the shape function instead of a kernel, and a bad shape or a meta tensor beside a CPU one
+    must fail as it does on a real device, not return an empty (uninitialised) tensor. Under
+    torch.compile the tensors are FakeTensors, possibly of symbolic shape: the kernel checks at run
+    time instead."""
+    def wrap(fake):
+        signature = inspect.signature(fake)
+
+        @functools.wraps(fake)
+        def checked_fake(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = list(bound.arguments.values())
+            if not any(isinstance(v, FakeTensor) for v in values):
+                check(*values)
+            return fake(*values)
+        return checked_fake
+    return wrap
 
 
-def _imitation_mask_fake(anchors, gt_boxes, gt_counts, feat_size, thresh=0.5, offset=0.0):
-    return gt_boxes.new_empty((gt_boxes.shape[0], feat_size[0], feat_size[1]), dtype=torch.bool)
+def _fakes(ops):
+    @_checked(ops._check_box_iou)
+    def box_iou(boxes1, boxes2, offset=0.0):
+        return boxes1.new_empty((*boxes1.shape[:-1], boxes2.shape[-2]))
+
+    @_checked(ops._check_imitation_mask)
+    def imitation_mask(anchors, gt_boxes, gt_counts, feat_size, thresh=0.5, offset=0.0):
+        return gt_boxes.new_empty((gt_boxes.shape[0], feat_size[0], feat_size[1]), dtype=torch.bool)
+
+    @_checked(ops._check_imitation_loss)
+    def imitation_loss(student, teacher, mask):
+        return student.new_empty(())
+
+    @_checked(lambda grad, *rest: ops._check_imitation_loss(*rest))
+    def _imitation_loss_backward(grad, student, teacher, mask):
+        return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+    @_checked(lambda s, t, m, w, b, relu, save: ops._check_masked_adapt(s, t, m, w, b))
+    def _masked_adapt_forward(student, teacher, mask, weight, bias, relu, save):
+        n = torch.library.get_ctx().new_dynamic_size() if save else 0
+        return (student.new_empty(()), student.new_empty((weight.shape[0], n)),
+                student.new_empty((n,), dtype=torch.long))
+
+    @_checked(lambda grad, saved, idx, s, t, m, w, b, *_: ops._check_masked_adapt(s, t, m, w, b))
+    def _masked_adapt_backward(grad, saved, idx, student, teacher, mask, weight, bias, relu, output_mask):
+        like = (student, teacher, weight, bias)
+        return tuple(
+            torch.empty_like(x, memory_format=torch.contiguous_format) if want and x is not None
+            else student.new_empty((0,))
+            for want, x in zip(output_mask, like)
+        )
+
+    return {name: fake for name, fake in locals().items() if name != "ops"}
 
 
-def _imitation_loss_fake(student, teacher, mask):
-    return student.new_empty(())
-
-
-def _imitation_loss_backward_fake(grad, student, teacher, mask):
-    return torch.empty_like(student, memory_format=torch.contiguous_format)
-
-
-def _masked_adapt_forward_fake(student, teacher, mask, weight, bias, relu, save):
-    n = torch.library.get_ctx().new_dynamic_size() if save else 0
-    return (student.new_empty(()), student.new_empty((weight.shape[0], n)),
-            student.new_empty((n,), dtype=torch.long))
-
-
-def _masked_adapt_backward_fake(grad, saved, idx, student, teacher, mask, weight, bias, relu, output_mask):
-    like = (student, teacher, weight, bias)
-    return tuple(
-        torch.empty_like(x, memory_format=torch.contiguous_format) if want and x is not None
-        else student.new_empty((0,))
-        for want, x in zip(output_mask, like)
-    )
+def _no_double_backward(op: str):
+    # The backward kernels are not differentiable: without this error a second derivative would
+    # silently come back None (with only a warning).
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"fgd.{op}: second-order gradients are not supported (the backward ran with "
+                           "create_graph=True); use the reference composition (fgd.reference) for those")
 
 
 def _loss_setup_context(ctx, inputs, output):
@@ -170,11 +207,7 @@ def _register(lib: str) -> None:
     """Fake kernels and autograd rules for the ops of library ``lib``: fgd, or fgd_emu (the CUDA
     kernels built for the CPU through the emulator, tests/emu_build.py), which shares its schemas."""
     ops = getattr(torch.ops, lib)
-    for name, fake in (("box_iou", _box_iou_fake), ("imitation_mask", _imitation_mask_fake),
-                       ("imitation_loss", _imitation_loss_fake),
-                       ("_imitation_loss_backward", _imitation_loss_backward_fake),
-                       ("_masked_adapt_forward", _masked_adapt_forward_fake),
-                       ("_masked_adapt_backward", _masked_adapt_backward_fake)):
+    for name, fake in _fakes(ops).items():
         torch.library.register_fake(f"{lib}::{name}", fake)
 
     def loss_backward(ctx, grad):
@@ -182,6 +215,7 @@ def _register(lib: str) -> None:
         grad_student = None
         grad_teacher = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            _no_double_backward("imitation_loss")
             g = ops._imitation_loss_backward.default(grad, student, teacher, mask)
             grad_student = g if ctx.needs_input_grad[0] else None
             grad_teacher = -g if ctx.needs_input_grad[1] else None
@@ -193,6 +227,7 @@ def _register(lib: str) -> None:
         output_mask = [need[0], need[1], need[3], need[4] and ctx.has_bias]
         grads = [None] * 7
         if any(output_mask):
+            _no_double_backward("masked_adapt_loss")
             out = ops._masked_adapt_backward.default(
                 grad, saved, idx, student, teacher, mask, weight, bias, ctx.relu, output_mask)
             for slot, want, g in zip((0, 1, 3, 4), output_mask, out):

@@ -57,7 +57,8 @@ def imitation_mask(
     iou = torch.where(valid[:, None, :], iou, 0.0)
     best = iou.amax(dim=1, keepdim=True) if iou.shape[1] > 0 else iou.sum(dim=1, keepdim=True)
     passes = (iou > thresh * best) & valid[:, None, :]
-    return passes.any(dim=2).view(B, H, W, -1).any(dim=3)
+    K = anchors.shape[-2] // (H * W)
+    return passes.any(dim=2).view(B, H, W, K).any(dim=3)
 
 
 def imitation_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
@@ -73,3 +74,25 @@ def imitation_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     per_loc = w * diff.pow(2).sum(dim=1)
     n_pos = w.sum()
     return torch.where(n_pos > 0, per_loc.sum() / (2 * n_pos.clamp_min(1e-300)), per_loc.sum() * 0)
+
+
+def masked_adapt_loss(student: Tensor, teacher: Tensor, mask: Tensor, weight: Tensor, bias=None,
+                      *, relu: bool = False) -> Tensor:
+    """imitation_loss(act(conv2d(student, weight, bias, padding=k // 2)), teacher, mask) in float64,
+    the dense composition fgd.ops.masked_adapt_loss computes at the masked locations only."""
+    import torch.nn.functional as F
+
+    b = None if bias is None else bias.double()
+    B, _, H, W = student.shape
+    k = weight.shape[-1]
+    if B * H * W == 0:  # conv2d refuses an empty map; the loss of one is 0 (nothing is masked)
+        y = weight.double().sum() * 0 + student.double().sum() * 0 + teacher.new_zeros(
+            (B, weight.shape[0], H, W), dtype=torch.float64)
+    else:
+        # Features no masked location sees are zeroed: the same values and gradients for finite
+        # features, and non-finite ones there count for nothing (as in imitation_loss), rather than
+        # reaching the weight's gradient as 0 * NaN through the dense conv.
+        on = (mask != 0).double()[:, None]
+        seen = (F.max_pool2d(on, k, stride=1, padding=k // 2) if k > 1 else on) > 0
+        y = F.conv2d(torch.where(seen, student.double(), 0.0), weight.double(), b, padding=k // 2)
+    return imitation_loss(y.relu() if relu else y, teacher.double(), mask)

@@ -1,6 +1,7 @@
 """`fgd viz`: the imitation masks a distiller would use, over the images it would see."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -55,6 +56,14 @@ def visualise(args) -> list:
     from .engine import load_detector
     from .models import build_detector
 
+    out = Path(args.out)  # checked before the model runs, not after
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"fgd viz: --out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise SystemExit(f"fgd viz: cannot write to --out {out}: {e.strerror or e}")
     ds = CocoDetection(args.images, args.json)
     if args.checkpoint:
         model, _, _ = load_detector(args.checkpoint)

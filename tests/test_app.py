@@ -84,9 +84,10 @@ def test_sigkill_and_resume_is_bit_identical(shapes, teacher_ckpt, tmp_path):
                    cwd=tmp_path)
     proc = subprocess.Popen(_train_cmd(shapes, killed, teacher_ckpt, 16), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=tmp_path)
-    ckpt = killed / "checkpoints" / "ckpt_00000008.pt"  # 6 batches an epoch: iteration 8 is mid-epoch 1
+    # 6 batches an epoch: iteration 8 is mid-epoch 1
     deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    while not list((killed / "checkpoints").glob("ckpt_*_00000008.pt")) and proc.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -96,8 +97,8 @@ def test_sigkill_and_resume_is_bit_identical(shapes, teacher_ckpt, tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
-    a = torch.load(whole / "final.pt", weights_only=False)["student"]
-    b = torch.load(killed / "final.pt", weights_only=False)["student"]
+    a = torch.load(whole / "final.pt", weights_only=True)["student"]
+    b = torch.load(killed / "final.pt", weights_only=True)["student"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     la = (whole / "log.csv").read_text().splitlines()
@@ -166,10 +167,54 @@ def test_eval_and_viz_commands(shapes, teacher_ckpt, tmp_path, capsys):
         assert im.size == (64, 64)
 
 
+EVAL_BAD = [
+    ("renamed", r"the checkpoint's classes \[.*\] do not match the categories of .*val.json \[.*'zebra'"),
+    ("extra", r"the checkpoint's classes \[.*\] do not match the categories of .*'zebra'\]"),
+    ("extra_no_names", r"the checkpoint has \d+ classes, .*val.json has \d+ categories \[.*'zebra'\]"),
+    ("broken_json", r"COCO annotation file .*val.json is not valid JSON"),
+    ("out_is_a_folder", r"output .* is a directory"),
+    ("out_folder_missing", r"output .*m.json: folder .*nope does not exist"),
+]
+
+
+@pytest.mark.parametrize("case, why", EVAL_BAD, ids=[c for c, _ in EVAL_BAD])
+def test_eval_checks_classes_and_output_before_evaluating(shapes, teacher_ckpt, tmp_path, monkeypatch, case, why):
+    import fgd.engine
+
+    monkeypatch.setattr(fgd.engine, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before checking"))
+    data = json.loads(Path(shapes["val_json"]).read_text())
+    ckpt, out = teacher_ckpt, tmp_path / "m.json"
+    if case == "renamed":
+        data["categories"][0]["name"] = "zebra"
+    elif case.startswith("extra"):
+        data["categories"].append({"id": 99, "name": "zebra"})
+    if case == "extra_no_names":  # a checkpoint without class names: the count is checked
+        ck = torch.load(teacher_ckpt, weights_only=False)
+        del ck["class_names"]
+        ckpt = str(tmp_path / "old.pt")
+        torch.save(ck, ckpt)
+    if case == "out_is_a_folder":
+        out = tmp_path
+    if case == "out_folder_missing":
+        out = tmp_path / "nope" / "m.json"
+    (tmp_path / "val.json").write_text("{" if case == "broken_json" else json.dumps(data))
+    with pytest.raises(SystemExit, match="^fgd eval: " + why):
+        cli.main(["eval", ckpt, "--json", str(tmp_path / "val.json"), "--images", shapes["val_images"],
+                  "--out", str(out), "--device", "cpu"])
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_viz_checks_its_output_folder_first(shapes, tmp_path):
+    out = tmp_path / "a_file"
+    out.write_text("")
+    with pytest.raises(SystemExit, match="fgd viz: --out .*a_file is a file, not a folder"):
+        cli.main(["viz", "--json", shapes["val_json"], "--images", shapes["val_images"], "--out", str(out)])
+
+
 def test_bad_configuration_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train_json: a.json\ntrain_images: imgs\nlearning_rate: 0.1\n")
-    with pytest.raises(SystemExit, match=r"unknown config keys \['learning_rate'\]"):
+    with pytest.raises(SystemExit, match=r"fgd train: config: unknown keys \['learning_rate'\]"):
         cli.main(["train", "--config", str(bad)])
     with pytest.raises(SystemExit, match="distillation needs teacher_checkpoint or teacher_arch"):
         cli.main(["train", "--train-json", "a.json", "--train-images", "imgs"])

@@ -74,7 +74,7 @@ LOSS = [
     (ValueError, r"mask must have shape \[B, H, W\] = \[2, 3, 5\]", (S, S, M[:, :2])),
     (ValueError, r"mask must have shape \[B, H, W\]", (S, S, M[:1])),
     (ValueError, r"mask must have shape \[B, H, W\]", (S, S, M[:, None])),
-    (ValueError, "mask weights must be non-negative", (S, S, -M.float())),
+    (ValueError, "mask weights must be finite and non-negative", (S, S, -M.float())),
 ]
 
 
@@ -138,3 +138,81 @@ def test_feat_size_accepts_torch_size():
 def test_empty_boxes_still_checked():
     with pytest.raises(ValueError, match="boxes1 must have shape"):
         fgd.box_iou(torch.zeros(0, 3), boxes(2))
+
+
+# ---- what used to crash the process, return uninitialised memory or be silently wrong ----------
+
+def meta(t):
+    return t.to("meta")
+
+
+HUGE = 2**40
+CRASHERS = [
+    # (exception, message, op name, args): each once killed the process (SIGFPE), read garbage or
+    # returned a wrong value without a word
+    (ValueError, "multiple of H\\*W", "imitation_mask", (A, GT, N, [2**32, 2**32], 0.5, 0.0)),  # H*W wraps to 0
+    (ValueError, "multiple of H\\*W", "imitation_mask", (A, GT, N, [2**62, 4], 0.5, 0.0)),
+    (ValueError, "overflows int64", "imitation_loss", (torch.empty(HUGE, 0, HUGE, 1), torch.empty(HUGE, 0, HUGE, 1),
+                                                        M)),  # an empty tensor whose B*H*W wraps
+    (ValueError, "overflows int64", "box_iou", (torch.empty(0, HUGE, 4), torch.empty(0, HUGE, 4), 0.0)),
+    (ValueError, "at least one input and one output channel", "_masked_adapt_forward",
+     (torch.zeros(1, 0, 3, 3), torch.zeros(1, 2, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool),
+      torch.zeros(2, 0, 3, 3), None, False, False)),  # Cs = 0 divided by
+    (RuntimeError, "same device", "box_iou", (boxes(3), meta(boxes(2)), 0.0)),
+    (RuntimeError, "same device", "box_iou", (meta(boxes(3)), boxes(2), 0.0)),
+    (RuntimeError, "same device", "imitation_loss", (S, meta(S), M)),
+    (RuntimeError, "same device", "imitation_loss", (S, S, meta(M))),
+    (RuntimeError, "same device", "imitation_mask", (A, meta(GT), N, [2, 3], 0.5, 0.0)),
+    (RuntimeError, "gt_counts must be on the CPU", "imitation_mask", (A, GT, meta(N), [2, 3], 0.5, 0.0)),
+    (RuntimeError, "same device", "_masked_adapt_forward",
+     (S, meta(torch.zeros(2, 3, 3, 5)), M, torch.zeros(3, 4, 1, 1), None, False, False)),
+    (ValueError, r"boxes1 must have shape", "box_iou", (meta(torch.zeros(3, 5)), meta(boxes(2)), 0.0)),  # meta checks
+    (ValueError, "mask must have shape", "imitation_loss", (meta(S), meta(S), meta(M[:1]))),
+    (ValueError, "finite coordinates", "box_iou", (torch.tensor([[0.0, 0, 1e20, 1e20]]), boxes(2), 0.0)),  # area overflow
+    (ValueError, "finite coordinates", "box_iou", (boxes(2), torch.tensor([[0.0, 0, float("nan"), 1]]), 0.0)),
+    (ValueError, "finite coordinates", "box_iou", (torch.tensor([[0.0, 0, float("inf"), 1]]), boxes(2), 0.0)),
+    (ValueError, "finite coordinates", "imitation_mask",
+     (A, torch.tensor([[[0.0, 0, 3e19, 3e19]]]).expand(2, 5, 4), N, [2, 3], 0.5, 0.0)),
+    (ValueError, "finite coordinates", "imitation_mask", (A * float("nan"), GT, N, [2, 3], 0.5, 0.0)),
+    (ValueError, "finite and non-negative", "imitation_loss", (S, S, M.float() * float("nan"))),
+    (ValueError, "finite and non-negative", "imitation_loss", (S, S, M.float() * float("inf"))),
+    (ValueError, "finite and non-negative", "_masked_adapt_forward",
+     (S, torch.zeros(2, 3, 3, 5), M.float() * float("nan"), torch.zeros(3, 4, 1, 1), None, False, False)),
+]
+
+
+@pytest.mark.parametrize("exc,msg,name,args", CRASHERS)
+def test_no_input_crashes_or_reads_garbage(exc, msg, name, args):
+    with pytest.raises(exc, match=msg):
+        direct(name)(*args)
+
+
+def test_area_of_large_float32_boxes_is_not_wrong():
+    # 1e18 is the largest accepted magnitude: its float32 area (1e36) and a union of two are finite
+    b = torch.tensor([[0.0, 0, 1e18, 1e18], [0, 0, 5e17, 1e18]])
+    torch.testing.assert_close(fgd.box_iou(b, b).double(), fgd.reference.box_iou(b, b), rtol=1e-6, atol=0)
+
+
+def test_empty_features_with_a_huge_size_are_not_walked():
+    # 2**40 empty images: once a 2**40-step loop (a hang); now nothing to do
+    s = torch.empty(HUGE, 0, 0, 0)
+    assert fgd.imitation_loss(s, s, torch.empty(HUGE, 0, 0, dtype=torch.bool)).item() == 0
+
+
+@pytest.mark.parametrize("op", ["imitation_loss", "masked_adapt_loss"])
+def test_second_derivative_is_a_clear_error(op):
+    s = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    if op == "imitation_loss":
+        loss = fgd.imitation_loss(s, torch.randn(2, 4, 3, 5, dtype=torch.float64), M)
+    else:
+        loss = fgd.ops.masked_adapt_loss(s, torch.randn(2, 3, 3, 5, dtype=torch.float64), M,
+                                         torch.randn(3, 4, 3, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
+        torch.autograd.grad(loss, s, create_graph=True)
+    assert torch.autograd.grad(loss, s)[0].shape == s.shape  # first order still works
+
+
+def test_meta_tensors_give_shapes():
+    assert direct("box_iou")(meta(boxes(3)), meta(boxes(2)), 0.0).shape == (3, 2)
+    assert direct("imitation_mask")(meta(A), meta(GT), N, [2, 3], 0.5, 0.0).shape == (2, 2, 3)
+    assert direct("imitation_loss")(meta(S), meta(S), meta(M)).shape == ()

@@ -320,12 +320,12 @@ def test_no_host_sync_in_loss_and_mask(gen):
 @requires_cuda
 def test_device_mismatch_is_a_clear_error():
     b = torch.tensor([[0.0, 0, 1, 1]])
-    with pytest.raises(ValueError, match="same device"):
+    with pytest.raises(RuntimeError, match="same device"):
         fgd.box_iou(b.cuda(), b)
     s = torch.zeros(1, 2, 3, 3, device="cuda")
-    with pytest.raises(ValueError, match="same device"):
+    with pytest.raises(RuntimeError, match="same device"):
         fgd.imitation_loss(s, s, torch.ones(1, 3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="gt_counts must be on the CPU or on gt_boxes' device"):
+    with pytest.raises(RuntimeError, match="gt_counts must be on the CPU or on gt_boxes' device"):
         fgd.imitation_mask(b, b[None], torch.tensor([1], device="cuda"), (1, 1))
 
 

@@ -218,6 +218,69 @@ def test_coco_missing_file(tmp_path):
         CocoDetection(str(tmp_path / "no_dir"), str(tmp_path / "nope.json"))
 
 
+# Each of these makes pycocotools' COCOeval score wrong (or crash) without a word, so it is refused.
+_GOOD = _ann(1, 1, 1, [1, 1, 10, 10])
+
+
+@pytest.mark.parametrize("anns, why", [
+    ([_GOOD, _ann(1, 1, 1, [5, 5, 10, 10])], r"annotation id 1 appears twice \(annotations\[1\]\)"),
+    ([_ann(0, 1, 1, [1, 1, 10, 10])], r"annotations\[0\] has id 0"),
+    ([_GOOD, _ann(2, 9, 1, [1, 1, 10, 10])], r"annotations\[1\] \(id 2\) refers to image 9"),
+    ([_GOOD, _ann(2, 1, 9, [1, 1, 10, 10])], r"annotations\[1\] \(id 2\) has category 9"),
+    ([_ann(1, 1, 1, [1, 1, 10, 10], iscrowd=2)], r"annotations\[0\] \(id 1\): 'iscrowd' must be 0 or 1, got 2"),
+    ([_ann(1, 1, 1, [1, 1, 10, 10], iscrowd=0.5)], r"'iscrowd' must be 0 or 1, got 0.5"),
+    ([_ann(1, 1, 1, [1, 1, 10, 10], iscrowd="no")], r"'iscrowd' must be 0 or 1, got 'no'"),
+    ([_ann(1, 1, 1, [1, 1, 10, 10], area="big")], r"annotations\[0\] \(id 1\): 'area' must be a number"),
+    ([_ann(1, 1, 1, [1, 1, 10, 10], area=None)], r"'area' must be a number, got None"),
+])
+def test_coco_rejects_what_would_make_coco_eval_wrong(tmp_path, anns, why):
+    data = {"images": [_img(1, "a.png")], "annotations": anns, "categories": [{"id": 1, "name": "x"}]}
+    path = _write(tmp_path, data, ["a.png"])
+    with pytest.raises(ValueError, match=why) as e:
+        CocoDetection(str(tmp_path), path)
+    assert path in str(e.value)
+
+
+def _perfect(ds):
+    """Exact detections of every training target, as evaluation would pass them to coco_map."""
+    return [{"image_id": t["image_id"], "boxes": t["boxes"], "scores": torch.ones(len(t["labels"])),
+             "labels": t["labels"]} for t in (ds[i][1] for i in range(len(ds)))]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(bbox=[1, 1, float("nan"), 5]), "bad_box"),
+    (dict(bbox=[1, float("inf"), 5, 5]), "bad_box"),
+    (dict(bbox=[20, 10, -5, 5]), "bad_box"),
+    (dict(bbox=[20, 10, 5, 0]), "zero_size_box"),
+    (dict(bbox=[50, 10, 5, 5]), "box_outside_image"),
+    (dict(bbox=[20, 10, 5, 5], area=float("nan")), "bad_area"),
+    (dict(bbox=[20, 10, 5, 5], area=float("inf")), "bad_area"),
+    (dict(bbox=[20, 10, 5, 5], area=-1.0), "bad_area"),
+])
+def test_coco_what_training_drops_is_not_evaluated(tmp_path, caplog, bad, reason):
+    from fgd.evaluate import coco_map
+
+    anns = [_ann(1, 1, 1, [1, 1, 10, 10], area=100.0), {**_ann(2, 1, 1, None), **bad}]
+    data = {"images": [_img(1, "a.png")], "annotations": anns, "categories": [{"id": 1, "name": "x"}]}
+    with caplog.at_level(logging.WARNING, logger="fgd.data"):
+        ds = CocoDetection(str(tmp_path), _write(tmp_path, data, ["a.png"]))
+    assert ds.skipped == {reason: 1} and "dropped 1 annotations from training and evaluation" in caplog.text
+    assert sorted(ds.coco.anns) == [1] and ds.coco.getAnnIds(imgIds=[1]) == [1]
+    # the one box training keeps, found exactly: COCOeval must not count the dropped one as missed
+    m = coco_map(ds.coco, _perfect(ds), ds.label_to_cat_id)
+    assert [m[k] for k in ("AP", "AR100", "APs")] == pytest.approx([1.0] * 3) and m["APm"] == m["APl"] == -1.0
+
+
+def test_coco_missing_area_and_iscrowd_get_the_training_defaults(tmp_path):
+    from fgd.evaluate import coco_map
+
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]}  # COCOeval needs both keys
+    data = {"images": [_img(1, "a.png")], "annotations": [ann], "categories": [{"id": 1, "name": "x"}]}
+    ds = CocoDetection(str(tmp_path), _write(tmp_path, data, ["a.png"]))
+    assert ds.coco.anns[1]["area"] == 100 and ds.coco.anns[1]["iscrowd"] == 0
+    assert coco_map(ds.coco, _perfect(ds), ds.label_to_cat_id)["AP"] == pytest.approx(1.0)
+
+
 def test_collate_fn():
     batch = [(torch.zeros(3, 4, 5), {"image_id": 1}), (torch.ones(3, 6, 2), {"image_id": 2})]
     images, targets = collate_fn(batch)

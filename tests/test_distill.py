@@ -227,6 +227,27 @@ def test_state_dict_holds_adapters_and_iteration():
     assert d2(*batch())["loss_imitation"].item() > 0  # iteration 5: warm-up over, not restarted
 
 
+@pytest.mark.parametrize("where", ["student", "imitation"])
+def test_iteration_counts_only_forwards_that_return(where, monkeypatch):
+    teacher, student, d = pair()
+    d.train()
+    images, targets = batch()
+    d(images, targets)
+    bad = targets
+    if where == "student":
+        bad = [dict(t, boxes=t["boxes"][:, [2, 1, 0, 3]]) for t in targets]  # x2 < x1: torchvision refuses it
+    else:
+        def oom(*args):
+            raise RuntimeError("out of memory")
+        monkeypatch.setattr(d, "_imitation", oom)
+    with pytest.raises((AssertionError, RuntimeError)):
+        d(images, bad)
+    monkeypatch.undo()
+    assert d.iteration == 1  # a failed forward must not eat into the warm-up
+    d(images, targets)
+    assert d.iteration == 2
+
+
 def test_student_saves_and_loads_without_fgd(tmp_path):
     teacher, student, d = pair()
     d.train()

@@ -13,9 +13,7 @@ TOL = {torch.float16: dict(rtol=2e-2, atol=2e-3), torch.bfloat16: dict(rtol=5e-2
 
 def dense_reference(student, teacher, mask, weight, bias, relu):
     """The composition masked_adapt_loss replaces, in float64 (differentiable)."""
-    b = None if bias is None else bias.double()
-    y = F.conv2d(student.double(), weight.double(), b, padding=weight.shape[-1] // 2)
-    return ref.imitation_loss(y.relu() if relu else y, teacher.double(), mask)
+    return ref.masked_adapt_loss(student, teacher, mask, weight, bias, relu=relu)
 
 
 def inputs(gen, B, Cs, Ct, H, W, k, bias=True, dtype=torch.float32):

@@ -151,6 +151,8 @@ at::Tensor imitation_loss_cpu(const at::Tensor& student, const at::Tensor& teach
   const at::Tensor w = mask_weights(mask, student);
   const int64_t B = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
   double loss = 0;
+  // Empty features: nothing to sum (and the span search must not walk 2^40 empty images).
+  if (s.numel() == 0) return at::scalar_tensor(loss, s.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fgd_loss_cpu", [&] {
     using W = at::opmath_type<scalar_t>;  // the weights' type (mask_weights)
     const W* wp = w.const_data_ptr<W>();
@@ -172,6 +174,7 @@ at::Tensor imitation_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
   const at::Tensor w = mask_weights(mask, student);
   const int64_t B = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
   at::Tensor out = at::empty_like(s);
+  if (s.numel() == 0) return out;
   const double g = grad.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fgd_loss_bwd_cpu", [&] {
     using W = at::opmath_type<scalar_t>;  // the weights' type (mask_weights)

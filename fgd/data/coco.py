@@ -37,8 +37,9 @@ class CocoDetection(torch.utils.data.Dataset):
     ``image_id`` (the COCO id), ``area`` float32 [n], ``iscrowd`` int64 [n] (zeros: crowd regions
     are left out), ``orig_size`` (H, W). ``transforms(image, target, index)`` runs last.
 
-    Boxes are clipped to the image; unusable ones are dropped and counted in ``skipped``. Images
-    whose file is missing are dropped too (``on_bad="skip"``) or raise (``on_bad="error"``).
+    Boxes are clipped to the image; unusable ones are dropped (from the targets and from ``coco``,
+    which evaluation reads) and counted in ``skipped``. Images whose file is missing are dropped
+    too (``on_bad="skip"``) or raise (``on_bad="error"``).
     """
 
     def __init__(self, image_dir, ann_file, transforms=None, on_bad: str = "skip"):
@@ -59,12 +60,12 @@ class CocoDetection(torch.utils.data.Dataset):
         cat_ids = sorted(self.coco.cats)
         self.cat_id_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         self.label_to_cat_id = {i: c for c, i in self.cat_id_to_label.items()}
-        self.class_names = ["__background__"] + [str(self.coco.cats[c].get("name", c)) for c in cat_ids]
+        self.class_names = _class_names(data)
         self.num_classes = len(cat_ids) + 1
 
         self.skipped = collections.Counter()
         self.ids, self._files, self._targets = [], [], []
-        missing = []
+        missing, dropped_ids = [], []
         for img in data["images"]:
             path = os.path.join(self.image_dir, img["file_name"])
             if not os.path.exists(path):
@@ -74,39 +75,49 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             self.ids.append(img["id"])
             self._files.append(path)
-            self._targets.append(self._boxes(img))
+            self._targets.append(self._boxes(img, dropped_ids))
+        if dropped_ids:
+            # COCOeval reads coco.dataset, not our targets: a ground truth training cannot use (no
+            # finite box, empty, outside the image) would stay there as one no detection can match
+            drop = set(dropped_ids)
+            data["annotations"] = [a for a in data["annotations"] if a["id"] not in drop]
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco.createIndex()
         if missing:
             self.skipped["missing_image"] = len(missing)
             log.warning("%s: %d of %d images have no file under %s and are skipped (first: %s)",
                         self.ann_file, len(missing), len(data["images"]), self.image_dir, ", ".join(missing[:3]))
         dropped = {k: v for k, v in self.skipped.items() if k != "missing_image"}
         if dropped:
-            log.warning("%s: dropped %d annotations (%s)", self.ann_file, sum(dropped.values()),
-                        ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())))
+            log.warning("%s: dropped %d annotations from training and evaluation (%s)", self.ann_file,
+                        sum(dropped.values()), ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())))
 
-    def _boxes(self, img: dict) -> tuple:
-        """(boxes [n, 4] xyxy, labels [n], area [n]) of one image, as numpy arrays."""
+    def _boxes(self, img: dict, dropped_ids: list) -> tuple:
+        """(boxes [n, 4] xyxy, labels [n], area [n]) of one image, as numpy arrays; the ids of the
+        annotations it cannot use are appended to ``dropped_ids``."""
         w_img, h_img = img["width"], img["height"]
         boxes, labels, areas = [], [], []
         for ann in self.coco.imgToAnns.get(img["id"], []):
-            if ann.get("iscrowd", 0):
+            if ann["iscrowd"]:
                 continue  # crowd regions are for evaluation (ignored matches), not training targets
             x, y, w, h = ann["bbox"]
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
-                self.skipped["bad_box"] += 1
-                continue
-            if w == 0 or h == 0:
-                self.skipped["zero_size_box"] += 1
-                continue
             x1, y1 = min(max(x, 0.0), w_img), min(max(y, 0.0), h_img)
             x2, y2 = min(max(x + w, 0.0), w_img), min(max(y + h, 0.0), h_img)
-            if x2 <= x1 or y2 <= y1:
-                self.skipped["box_outside_image"] += 1
+            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+                reason = "bad_box"
+            elif w == 0 or h == 0:
+                reason = "zero_size_box"
+            elif x2 <= x1 or y2 <= y1:
+                reason = "box_outside_image"
+            elif not math.isfinite(ann["area"]) or ann["area"] < 0:
+                reason = "bad_area"  # COCOeval's size ranges read it: NaN is in all of them, < 0 in none
+            else:
+                boxes.append((x1, y1, x2, y2))
+                labels.append(self.cat_id_to_label[ann["category_id"]])
+                areas.append(ann["area"])
                 continue
-            boxes.append((x1, y1, x2, y2))
-            labels.append(self.cat_id_to_label[ann["category_id"]])
-            area = ann.get("area")  # COCOeval's size ranges use this field, so keep it when present
-            areas.append(area if isinstance(area, Real) and math.isfinite(area) else (x2 - x1) * (y2 - y1))
+            self.skipped[reason] += 1
+            dropped_ids.append(ann["id"])
         return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
                 np.asarray(areas, np.float32))
 
@@ -181,18 +192,39 @@ def _load_json(path: str) -> dict:
         if im["id"] in images:
             raise bad(f"image id {im['id']} appears twice")
         images.add(im["id"])
+    anns = set()
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict) or not all(is_int(a.get(k)) for k in ("id", "image_id", "category_id")):
             raise bad(f"annotations[{i}] must be an object with integers 'id', 'image_id', 'category_id'")
+        # COCOeval indexes ground truths by id and records a match as the matched id, 0 meaning "none":
+        # with a repeated id or an id 0, perfect detections score below AP 1.0
+        if a["id"] == 0:
+            raise bad(f"annotations[{i}] has id 0, which pycocotools reads as 'no match'; use ids >= 1")
+        if a["id"] in anns:
+            raise bad(f"annotation id {a['id']} appears twice (annotations[{i}])")
+        anns.add(a["id"])
         box = a.get("bbox")
         if not isinstance(box, list) or len(box) != 4 or not all(is_num(v) for v in box):
             raise bad(f"annotations[{i}] (id {a['id']}): 'bbox' must be a list of 4 numbers, got {box!r}")
+        # COCOeval reads both of these from every ground truth (KeyError if absent): default as training does
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", box[2] * box[3])
+        if not (is_int(a["iscrowd"]) and a["iscrowd"] in (0, 1)):
+            raise bad(f"annotations[{i}] (id {a['id']}): 'iscrowd' must be 0 or 1, got {a['iscrowd']!r}")
+        if not is_num(a["area"]):
+            raise bad(f"annotations[{i}] (id {a['id']}): 'area' must be a number, got {a['area']!r}")
         if a["image_id"] not in images:
             raise bad(f"annotations[{i}] (id {a['id']}) refers to image {a['image_id']}, which is not in 'images'")
         if a["category_id"] not in cats:
             raise bad(f"annotations[{i}] (id {a['id']}) has category {a['category_id']}, "
                       f"which is not in 'categories'")
     return data
+
+
+def _class_names(data: dict) -> list:
+    """Label -> name of a checked json: "__background__", then the categories in id order."""
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    return ["__background__"] + [str(c.get("name", c["id"])) for c in cats]
 
 
 def collate_fn(batch):
