@@ -293,8 +293,8 @@ def load_checkpoint(path, required=("config",)) -> dict:
             raise RunError(f"refusing to load {path}: it holds objects that need code to load ({code}); an fgd "
                            "checkpoint holds only tensors and plain values. Never load files you do not trust") \
                 from None
-        reason = next((line for line in lines if "error" in line.lower() or "operand" in line), lines[-1] if lines
-                      else type(e).__name__)
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reason = next((line for line in lines if not line.startswith(boilerplate)), type(e).__name__)
         raise RunError(f"checkpoint {path} is not readable as a PyTorch file ({reason[:200]}); expected a .pt "
                        "file written by fgd train") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]

@@ -5,10 +5,9 @@ value); these wrappers only check what C++ cannot name well: arguments that are 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import functools
 import inspect
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -36,6 +35,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, *, offset: float = 0.0) -> Tensor:
     x2 - x1 + offset, with offset 0 (continuous coordinates, torchvision) or 1 (the legacy "+1 pixel"
     convention of the FGFI code and mmcv). Degenerate boxes have zero area; an empty union gives 0.
     float16/bfloat16 are computed in float32 and returned in their own dtype. Not differentiable.
+    Coordinates must be finite and within +-1e18, so that float32 areas cannot overflow (checked for
+    CPU tensors; on a GPU the check would cost a device sync, so it is not made).
     """
     _tensor(boxes1, "boxes1", "box_iou")
     _tensor(boxes2, "boxes2", "box_iou")
@@ -80,8 +81,10 @@ def imitation_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     """sum_{b,h,w} mask * sum_c (student - teacher)^2 / (2 * N_p), N_p = sum(mask); 0 when N_p = 0.
 
     ``student`` (the adapted student feature) and ``teacher``: [B, C, H, W], one floating dtype;
-    ``mask``: [B, H, W], bool or non-negative float weights. Returns a 0-dim tensor of the student's
-    dtype (fp16/bf16 accumulate in float32), differentiable w.r.t. student and teacher.
+    ``mask``: [B, H, W], bool or finite non-negative float weights (checked on every device; on a
+    GPU float weights cost one sync, bool masks none). Returns a 0-dim tensor of the student's
+    dtype (fp16/bf16 accumulate in float32), differentiable w.r.t. student and teacher (first order:
+    a second derivative is a RuntimeError).
     """
     op = "imitation_loss"
     _tensor(student, "student", op)

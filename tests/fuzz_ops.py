@@ -18,8 +18,10 @@ allocated, and a stride-0 view that large would only measure patience.
 from __future__ import annotations
 
 import math
+import os
 import sys
 
+import hypothesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -101,6 +103,14 @@ class Case:
         if numel and kind != "weight" and self.draw(st.integers(0, 3)) == 0:
             for _ in range(self.draw(st.integers(1, 3))):
                 value = self.draw(st.sampled_from(SPECIAL + ([-1.0] if kind == "mask" else [])))
+                if kind == "conv_input" and abs(value) == 1e30:
+                    # a conv over 1e30 beside O(1) values cancels catastrophically in any float
+                    # type: its rounding is not the op's to answer for
+                    value = math.copysign(1e3, value)
+                elif kind == "feat" and dtype != torch.float64 and abs(value) == 1e30:
+                    # the losses sum a plane's squared differences in float32 (a documented limit:
+                    # below 3.4e38); 1e15 squared keeps to it, 1e30 squared would not
+                    value = math.copysign(1e15, value)
                 v.view(-1)[self.draw(st.integers(0, numel - 1))] = value
                 if kind in ("box", "mask") and (not math.isfinite(value) or abs(value) > 1e18 or value < 0):
                     self.valid = False
@@ -181,7 +191,10 @@ def run(case, args, call, truth, out_dtype):
         got = tuple(g.new_zeros([2 if n == HUGE else n for n in g.shape]) if g is not None and HUGE in g.shape else g
                     for g in (got if isinstance(got, tuple) else (got,)))
         got = got if len(got) > 1 else got[0]
-    for g, w in zip(got if isinstance(got, tuple) else (got,), truth() if isinstance(got, tuple) else (truth(),)):
+    pairs = list(zip(got if isinstance(got, tuple) else (got,), truth() if isinstance(got, tuple) else (truth(),)))
+    if isinstance(got, tuple) and not torch.isfinite(pairs[0][1].to(pairs[0][0].dtype)).all():
+        pairs = pairs[:1]  # the gradients of an infinite or NaN loss mean nothing: compare the loss only
+    for g, w in pairs:
         if g is None or w is None:
             assert g is None and w is None
             continue
@@ -242,7 +255,8 @@ def imitation_mask_case(draw):
                                                                                             device="meta")
     if draw(st.integers(0, 9)) == 0:
         counts = draw(st.sampled_from([counts + G + 1, counts - 1, counts.int(), counts.float(), counts[:-1]]))
-        c.valid &= counts.numel() == 0 and counts.dtype == torch.long
+        c.valid &= (counts.dtype == torch.long and tuple(counts.shape) == (B,)
+                    and (B == 0 or counts.is_meta or 0 <= int(counts.min()) and int(counts.max()) <= G))
     thresh = draw(st.sampled_from([0.5, 0.5, 0.25, 0.0, 1.0, -0.1, math.nan]))
     offset = draw(st.sampled_from([0.0, 0.0, 1.0, 0.5]))
     c.valid &= 0 <= thresh < 1 and offset in (0.0, 1.0)
@@ -261,13 +275,13 @@ def imitation_mask_case(draw):
     return c, a, call, truth, torch.bool
 
 
-def loss_operands(c, draw, channels):
+def loss_operands(c, draw, channels, conv=False):
     """student, teacher, mask (and their dtype) for the two losses; channels: (Cs, Ct)."""
     B, H, W = c.huge_beside_zero(c.size(), c.size(), c.size())
     d = c.dtype()
     d_t = d if draw(st.integers(0, 9)) else c.dtype()
     c.valid &= d == d_t
-    s = c.tensor((B, channels[0], H, W), d, "feat")
+    s = c.tensor((B, channels[0], H, W), d, "conv_input" if conv else "feat")
     tshape = (B, channels[1], H, W) if draw(st.integers(0, 9)) else (B, channels[1] + 1, H, W)
     c.valid &= tshape[1] == channels[1]
     t = c.tensor(tshape, d_t, "feat")
@@ -324,7 +338,7 @@ def imitation_loss_case(draw):
 def masked_adapt_case(draw):
     c = Case(draw)
     Cs, Ct = c.size(), c.size()
-    s, t, m, d = loss_operands(c, draw, (Cs, Ct))
+    s, t, m, d = loss_operands(c, draw, (Cs, Ct), conv=True)
     k = draw(st.sampled_from([1, 3, 3, 2]))
     wshape = (Ct, Cs, k, k) if draw(st.integers(0, 9)) else (Ct, Cs + 1, k, k)
     c.valid &= k in (1, 3) and wshape[1] == Cs and Cs > 0 and Ct > 0  # conv2d needs channels
@@ -368,13 +382,19 @@ def main(op: str, examples: int, log_path: str):
     LOG = open(log_path, "w")
     torch.set_num_threads(1)
 
+    # CI draws the same examples every run (derandomize): a fuzz failure is then a change in fgd, not
+    # luck. FGD_FUZZ_SEED=<int> (or "random") explores fresh ones.
+    seed = os.environ.get("FGD_FUZZ_SEED")
+
     @settings(max_examples=examples, deadline=None, database=None, print_blob=True,
-              suppress_health_check=list(HealthCheck))
+              suppress_health_check=list(HealthCheck), derandomize=seed is None)
     @given(CASES[op]())
     def fuzz(example):
         case, args, call, truth, dtype = example
         run(case, args, call, truth, dtype)
 
+    if seed not in (None, "random"):
+        fuzz = hypothesis.seed(int(seed))(fuzz)
     fuzz()
     LOG.write("done\n")
     LOG.close()

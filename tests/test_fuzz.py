@@ -1,6 +1,7 @@
 """Property-based fuzzing of every op (tests/fuzz_ops.py): each op's examples run in one child
 process, which writes every example to a log before the call; a signal (SIGFPE, SIGSEGV, ...) fails
-the test naming the input that caused it. FGD_FUZZ_EXAMPLES sets the number of examples per op."""
+the test naming the input that caused it. FGD_FUZZ_EXAMPLES sets the number of examples per op
+(1000); the examples are the same every run unless FGD_FUZZ_SEED (an int, or "random") is set."""
 import os
 import signal
 import subprocess

@@ -135,7 +135,7 @@ at::Tensor epilogue_cpu(at::Tensor& z, const at::Tensor& teacher, const at::Tens
                 const acc_t d = (relu && v < 0 ? acc_t(0) : v) - static_cast<acc_t>(tc[j]);
                 part += wc[j] * d * d;
                 if (mode == EpilogueMode::kStudentGrad) {
-                  zc[j] = static_cast<scalar_t>(relu && !(v > 0) ? acc_t(0) : wc[j] * d);
+                  zc[j] = static_cast<scalar_t>(relu && v <= acc_t(0) ? acc_t(0) : wc[j] * d);
                 } else if (mode == EpilogueMode::kDiff) {
                   zc[j] = static_cast<scalar_t>(wc[j] * d);
                 }

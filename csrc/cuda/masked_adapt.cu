@@ -78,7 +78,7 @@ __global__ void epilogue_kernel(scalar_t* __restrict__ z, int64_t ld,
       const A d = (relu && v < 0 ? A(0) : v) - tv;
       sum += wi * d * d;
       if (mode == EpilogueMode::kStudentGrad) {
-        *zp = static_cast<scalar_t>(relu && !(v > 0) ? A(0) : wi * d);
+        *zp = static_cast<scalar_t>(relu && v <= A(0) ? A(0) : wi * d);
       } else if (mode == EpilogueMode::kDiff) {
         *zp = static_cast<scalar_t>(wi * d);
       }
