@@ -150,8 +150,8 @@ MaskShape check_imitation_mask(const at::Tensor& anchors, const at::Tensor& gt_b
   check_offset(offset, op);
   check_same_device(anchors, "anchors", gt_boxes, "gt_boxes", op);
   TORCH_CHECK(gt_counts.device() == gt_boxes.device() || gt_counts.is_cpu(),
-                    "fgd.imitation_mask: gt_counts must be on the CPU or on gt_boxes' device (",
-                    gt_boxes.device(), "), got ", gt_counts.device());
+              "fgd.imitation_mask: gt_counts must be on the CPU or on gt_boxes' device (",
+              gt_boxes.device(), "), got ", gt_counts.device());
   // Values can be checked without a device sync only on the CPU; the kernels clamp them anyway.
   if (gt_counts.is_cpu() && s.B > 0) {
     const int64_t lo = gt_counts.min().item<int64_t>();
@@ -221,8 +221,8 @@ AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teach
   check_size_product({a.Ct, a.Cs, a.k, a.k}, op, "weight");
   // the CPU kernels keep a location's row and column in an int
   TORCH_CHECK_VALUE(student.numel() == 0 || (a.H <= INT32_MAX && a.W <= INT32_MAX),
-                    "fgd.masked_adapt_loss: student's height ",
-                    "and width must be below 2^31, got ", shape_str(student));
+                    "fgd.masked_adapt_loss: student's height and width must be below 2^31, got ",
+                    shape_str(student));
   check_mask(mask, student, op);
   return a;
 }
