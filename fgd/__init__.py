@@ -16,7 +16,18 @@ from .ops import box_iou, imitation_loss, imitation_mask  # noqa: E402
 from .distill import Distiller  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "box_iou", "imitation_mask", "imitation_loss", "Distiller"]
+__all__ = ["ops", "reference", "box_iou", "imitation_mask", "imitation_loss", "Distiller",
+           "cpu_capability"]
+
+
+def cpu_capability() -> str:
+    """The CPU code path fgd's kernels run: "avx512", "avx2" or "default".
+
+    It follows torch's (``torch.backends.cpu.get_cpu_capability()``, which the environment variable
+    ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` sets before torch is imported), lowered to what this
+    CPU supports, and is fixed for the life of the process.
+    """
+    return _C.cpu_capability()
 
 
 def cuda_compiled() -> bool:

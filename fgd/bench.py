@@ -215,11 +215,23 @@ def run(device="cpu", quick=False, compile=True, repeat=None, density=0.15):
     return rows
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return (f"CPU ({cpu_model()}, {torch.get_num_threads()} threads), fgd CPU path "
+            f"{fgd.cpu_capability()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
 def format_table(rows) -> str:

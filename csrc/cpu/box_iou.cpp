@@ -18,13 +18,11 @@ FGD_HD void iou_row_impl(const T* __restrict__ a, T offset, BoxesSoA<T> b, int64
     out[j] = iou(a[0], a[1], a[2], a[3], area_a, b.x1[j], b.y1[j], b.x2[j], b.y2[j], b.area[j],
                  offset);
 }
-FGD_CPU_CLONES void iou_row(const float* a, float off, BoxesSoA<float> b, int64_t m, float* out) {
-  iou_row_impl(a, off, b, m, out);
-}
-FGD_CPU_CLONES void iou_row(const double* a, double off, BoxesSoA<double> b, int64_t m,
-                            double* out) {
-  iou_row_impl(a, off, b, m, out);
-}
+FGD_PER_ISA(void, iou_row, (const float* a, float off, BoxesSoA<float> b, int64_t m, float* out),
+            (a, off, b, m, out))
+FGD_PER_ISA(void, iou_row,
+            (const double* a, double off, BoxesSoA<double> b, int64_t m, double* out),
+            (a, off, b, m, out))
 
 template <typename T>
 void box_iou_kernel(const T* b1, const T* b2, int64_t B, int64_t N, int64_t M, T offset, T* out) {

@@ -17,7 +17,6 @@ namespace fgd {
 namespace {
 
 constexpr int64_t kSegment = 16;
-constexpr int kLanes = 16;
 
 // [begin, end) runs of the H*W plane of each image holding a non-zero weight, at segment
 // granularity; spans of image b are spans[first[b] .. first[b + 1]).
@@ -52,6 +51,30 @@ Spans find_spans(const W* w, int64_t B, int64_t HW) {
   return sp;
 }
 
+// Software prefetch for a walk over the spans of s and t: keeps kAheadLines cache lines requested
+// ahead of the loop. Hardware prefetchers lose a stream that skips segments, and the sparse walk
+// then waits on memory: on a 2-core AMD EPYC (AVX2) it read at half the speed of a dense walk until
+// this was added (a standalone C++ benchmark of these loops, interleaved medians of 150 runs:
+// forward 1.31 -> 1.02 ms, backward 2.11 -> 1.80 ms for the fgd-bench loss workload).
+template <typename S>
+struct SpanPrefetch {
+  static constexpr int64_t kLine = 64 / sizeof(S), kAheadLines = 32;
+  const S *s, *t;
+  const int64_t *begin, *end;
+  int64_t nspans, k = 0, pos = 0, ahead = 0;
+  FGD_HD SpanPrefetch(const S* s_, const S* t_, const int64_t* b, const int64_t* e, int64_t n)
+      : s(s_), t(t_), begin(b), end(e), nspans(n), pos(n > 0 ? b[0] : 0) {}
+  // Call before reading `len` more elements.
+  FGD_HD void before(int64_t len) {
+    ahead = std::max<int64_t>(0, ahead - len / kLine);
+    for (; ahead < kAheadLines && k < nspans; ++ahead) {
+      __builtin_prefetch(s + pos), __builtin_prefetch(t + pos);
+      pos += kLine;
+      if (pos >= end[k] && ++k < nspans) pos = begin[k];
+    }
+  }
+};
+
 // One H*W plane over its spans. Spans are whole segments (but for the plane's tail), so the lane
 // loop covers nearly everything; kLanes independent partial sums let it vectorise without
 // fast-math. The span loop sits inside the vectorised function: one call per plane, not per span.
@@ -60,20 +83,24 @@ FGD_HD W plane_sq_impl(const S* __restrict__ s, const S* __restrict__ t, const W
                        const int64_t* begin, const int64_t* end, int64_t nspans) {
   W lane[kLanes] = {};
   W acc = 0;
+  SpanPrefetch<S> prefetch(s, t, begin, end, nspans);
   for (int64_t k = 0; k < nspans; ++k) {
+    prefetch.before(end[k] - begin[k]);
     int64_t j = begin[k];
     for (; j + kLanes <= end[k]; j += kLanes) {
       // Unrolled, this loop would reach the straight-line vectoriser, which cannot if-convert the
-      // select; left as a loop it becomes one masked vector operation.
+      // select; left as a loop it becomes one vector operation and a blend.
 #pragma GCC unroll 1
       for (int l = 0; l < kLanes; ++l) {
-        const W d = static_cast<W>(s[j + l]) - static_cast<W>(t[j + l]);
-        lane[l] += w[j + l] != W(0) ? w[j + l] * d * d : W(0);
+        const W d = to_float(s[j + l]) - to_float(t[j + l]);
+        const W v = w[j + l] * d * d;
+        lane[l] += w[j + l] != W(0) ? v : W(0);
       }
     }
     for (; j < end[k]; ++j) {
-      const W d = static_cast<W>(s[j]) - static_cast<W>(t[j]);
-      acc += w[j] != W(0) ? w[j] * d * d : W(0);
+      const W d = to_float(s[j]) - to_float(t[j]);
+      const W v = w[j] * d * d;
+      acc += w[j] != W(0) ? v : W(0);
     }
   }
   for (int l = 0; l < kLanes; ++l) acc += lane[l];
@@ -86,28 +113,30 @@ FGD_HD void plane_diff_impl(const S* __restrict__ s, const S* __restrict__ t,
                             const W* __restrict__ w, W scale, const int64_t* begin,
                             const int64_t* end, int64_t nspans, int64_t n, S* __restrict__ out) {
   int64_t pos = 0;
+  SpanPrefetch<S> prefetch(s, t, begin, end, nspans);
   for (int64_t k = 0; k < nspans; ++k) {
+    prefetch.before(end[k] - begin[k]);
     for (int64_t j = pos; j < begin[k]; ++j) out[j] = S(0);
     for (int64_t j = begin[k]; j < end[k]; ++j) {
-      const W d = static_cast<W>(s[j]) - static_cast<W>(t[j]);
-      out[j] = static_cast<S>(w[j] != W(0) ? scale * w[j] * d : W(0));
+      const W d = to_float(s[j]) - to_float(t[j]);
+      const W v = scale * w[j] * d;
+      out[j] = from_float(w[j] != W(0) ? v : W(0), S());
     }
     pos = end[k];
   }
   for (int64_t j = pos; j < n; ++j) out[j] = S(0);
 }
 
-// Vectorised clones for each feature type.
-#define FGD_LOSS_CLONES(S, W)                                                                  \
-  FGD_CPU_CLONES W plane_sq(const S* s, const S* t, const W* w, const int64_t* begin,          \
-                            const int64_t* end, int64_t nspans) {                              \
-    return plane_sq_impl(s, t, w, begin, end, nspans);                                         \
-  }                                                                                            \
-  FGD_CPU_CLONES void plane_diff(const S* s, const S* t, const W* w, W scale,                  \
-                                 const int64_t* begin, const int64_t* end, int64_t nspans,     \
-                                 int64_t n, S* out) {                                          \
-    plane_diff_impl(s, t, w, scale, begin, end, nspans, n, out);                               \
-  }
+// One vectorised copy per ISA for each feature type.
+#define FGD_LOSS_CLONES(S, W)                                                                   \
+  FGD_PER_ISA(W, plane_sq,                                                                      \
+              (const S* s, const S* t, const W* w, const int64_t* begin, const int64_t* end,    \
+               int64_t nspans),                                                                 \
+              (s, t, w, begin, end, nspans))                                                    \
+  FGD_PER_ISA(void, plane_diff,                                                                 \
+              (const S* s, const S* t, const W* w, W scale, const int64_t* begin,               \
+               const int64_t* end, int64_t nspans, int64_t n, S* out),                          \
+              (s, t, w, scale, begin, end, nspans, n, out))
 FGD_LOSS_CLONES(float, float)
 FGD_LOSS_CLONES(double, double)
 FGD_LOSS_CLONES(c10::BFloat16, float)

@@ -16,7 +16,12 @@ namespace fgd {
 namespace {
 
 constexpr int64_t kChunkAnchors = 256;
-constexpr int kLanes = 16;
+// The least work (anchor-box pairs) worth a task of its own: smaller calls run on the calling
+// thread instead of paying for a parallel region (tens of microseconds on a 2-core machine).
+constexpr int64_t kMinPairsPerTask = 32768;
+inline int64_t grain(int64_t pairs_per_item) {
+  return std::max<int64_t>(1, kMinPairsPerTask / std::max<int64_t>(pairs_per_item, 1));
+}
 
 template <typename T>
 FGD_HD T max_iou_impl(BoxesSoA<T> a, int64_t lo, int64_t hi, const T* __restrict__ g, T area_g,
@@ -41,14 +46,13 @@ FGD_HD T max_iou_impl(BoxesSoA<T> a, int64_t lo, int64_t hi, const T* __restrict
   for (int l = 0; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
   return m;
 }
-FGD_CPU_CLONES float max_iou(BoxesSoA<float> a, int64_t lo, int64_t hi, const float* g,
-                             float area_g, float off) {
-  return max_iou_impl(a, lo, hi, g, area_g, off);
-}
-FGD_CPU_CLONES double max_iou(BoxesSoA<double> a, int64_t lo, int64_t hi, const double* g,
-                              double area_g, double off) {
-  return max_iou_impl(a, lo, hi, g, area_g, off);
-}
+FGD_PER_ISA(float, max_iou,
+            (BoxesSoA<float> a, int64_t lo, int64_t hi, const float* g, float area_g, float off),
+            (a, lo, hi, g, area_g, off))
+FGD_PER_ISA(double, max_iou,
+            (BoxesSoA<double> a, int64_t lo, int64_t hi, const double* g, double area_g,
+             double off),
+            (a, lo, hi, g, area_g, off))
 
 // hit[j - lo] = 1 where anchor j's IoU with g exceeds thr (hit keeps earlier ones).
 template <typename T>
@@ -60,14 +64,14 @@ FGD_HD void mark_impl(BoxesSoA<T> a, int64_t lo, int64_t hi, const T* __restrict
     hit[j - lo] = v > thr ? T(1) : hit[j - lo];
   }
 }
-FGD_CPU_CLONES void mark(BoxesSoA<float> a, int64_t lo, int64_t hi, const float* g, float area_g,
-                         float thr, float off, float* hit) {
-  mark_impl(a, lo, hi, g, area_g, thr, off, hit);
-}
-FGD_CPU_CLONES void mark(BoxesSoA<double> a, int64_t lo, int64_t hi, const double* g,
-                         double area_g, double thr, double off, double* hit) {
-  mark_impl(a, lo, hi, g, area_g, thr, off, hit);
-}
+FGD_PER_ISA(void, mark,
+            (BoxesSoA<float> a, int64_t lo, int64_t hi, const float* g, float area_g, float thr,
+             float off, float* hit),
+            (a, lo, hi, g, area_g, thr, off, hit))
+FGD_PER_ISA(void, mark,
+            (BoxesSoA<double> a, int64_t lo, int64_t hi, const double* g, double area_g,
+             double thr, double off, double* hit),
+            (a, lo, hi, g, area_g, thr, off, hit))
 
 // Conservative: false only if no anchor in the chunk can overlap g.
 template <typename T>
@@ -86,7 +90,7 @@ void imitation_mask_kernel(const MaskShape& s, const T* anchors, const T* gts,
   // Anchors as SoA and each chunk's bounding box, per anchor set.
   std::vector<T> soa(static_cast<size_t>(nsets * 5 * A));
   std::vector<T> bbox(static_cast<size_t>(nsets * nchunks * 4));
-  at::parallel_for(0, nsets, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, nsets, grain(A), [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       T* dst = soa.data() + n * 5 * A;
       to_soa(anchors + n * A * 4, A, off, dst);
@@ -107,7 +111,7 @@ void imitation_mask_kernel(const MaskShape& s, const T* anchors, const T* gts,
 
   // Pass 1: the best IoU of every valid GT over all anchors.
   std::vector<T> best(static_cast<size_t>(B * G), T(0));
-  at::parallel_for(0, B * G, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * G, grain(A), [&](int64_t lo, int64_t hi) {
     for (int64_t bg = lo; bg < hi; ++bg) {
       const int64_t b = bg / G, n = set_of(b);
       if (bg % G >= count(b)) continue;
@@ -126,7 +130,7 @@ void imitation_mask_kernel(const MaskShape& s, const T* anchors, const T* gts,
   });
 
   // Pass 2: a location is on if any of its anchors beats thresh * best for any GT.
-  at::parallel_for(0, B * nchunks, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * nchunks, grain(locs_per_chunk * K * G), [&](int64_t lo, int64_t hi) {
     std::vector<T> hit(static_cast<size_t>(locs_per_chunk * K));
     for (int64_t bc = lo; bc < hi; ++bc) {
       const int64_t b = bc / nchunks, c = bc % nchunks, n = set_of(b);
