@@ -64,8 +64,8 @@ inline void inside(const Run& run, const Tap& t, int64_t H, int64_t W, int64_t& 
 // map, zeros where it falls outside (the conv's zero padding). Copies and fills: they compile to
 // memcpy / memset, which pick their own vector code, so one copy serves every ISA.
 template <typename S>
-void im2col_row(const S* __restrict__ s, const Run* rs, int64_t nruns, Tap tp,
-                            int64_t H, int64_t W, S* __restrict__ out) {
+void im2col_row(const S* __restrict__ s, const Run* rs, int64_t nruns, Tap tp, int64_t H,
+                int64_t W, S* __restrict__ out) {
   for (int64_t i = 0; i < nruns; ++i) {
     const Run& run = rs[i];
     int64_t lo, hi;

@@ -65,12 +65,14 @@ constexpr int kLanes = 16;
 // Conversions between the feature types and float written as plain integer and float operations and
 // selects, which the vectoriser understands (c10's own conversions branch, and use F16C only when a
 // whole file is compiled for it). Results are c10's bit for bit: round to nearest even, NaN stays
-// NaN (tests/test_isa.py checks every half and bfloat16 value).
+// NaN (tests/test_isa.py checks every half and bfloat16 value). to_float(v) widens a feature value
+// to its accumulator type, from_float(value, S()) rounds an accumulator value to the feature type S.
 FGD_HD float to_float(c10::BFloat16 v) { return c10::bit_cast<float>(uint32_t(v.x) << 16); }
 FGD_HD c10::BFloat16 from_float(float f, c10::BFloat16) {
   const uint32_t u = c10::bit_cast<uint32_t>(f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded),
+                       c10::BFloat16::from_bits());
 }
 // Half: the bit manipulations of F. Giesen's half_to_float / float_to_half_fast3_rtne, as selects.
 FGD_HD float to_float(c10::Half v) {
@@ -103,7 +105,6 @@ FGD_HD float to_float(float v) { return v; }
 FGD_HD double to_float(double v) { return v; }
 template <typename T>
 FGD_HD T from_float(T v, T) { return v; }
-// from_float(value, S()) converts an accumulator value to the feature type S.
 
 // Boxes [n, 4] (x1, y1, x2, y2) as five arrays x1, y1, x2, y2, area of n values each.
 template <typename T>
