@@ -14,11 +14,15 @@ namespace {
 
 // Locations per chunk: the [Cs*k*k, n] chunk buffer holds at most 2^23 elements and no more than
 // one feature map, so it never outweighs the adapted map the dense path holds, whatever the size.
+// The chunks are of equal size: a small last chunk runs its products at a lower rate (2520
+// locations as 1820 + 700: 127 GFLOP/s on an AVX-512 EPYC, where large products reach 170).
 int64_t chunk_rows(const AdaptShape& a, int64_t K, int64_t N) {
   const int64_t map = a.B * a.H * a.W * std::max(a.Cs, a.Ct);
   const int64_t budget = std::min<int64_t>(int64_t(1) << 23, map);
   // K is 0 when the student has no channels (the conv is then its bias alone)
-  return std::max<int64_t>(1, std::min(N, std::max<int64_t>(32, budget / std::max<int64_t>(K, 1))));
+  const int64_t most = std::max<int64_t>(1, std::min(N, std::max<int64_t>(32, budget / std::max<int64_t>(K, 1))));
+  const int64_t chunks = (N + most - 1) / most;
+  return (N + chunks - 1) / chunks;
 }
 
 struct Locations {
@@ -122,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
   const int64_t N = idx.numel();
   // The upstream gradient and 1/N_p, which `saved` leaves out.
   const at::Tensor g = grad.reshape({}).to(s.device(), acc) * loc.scale.to(acc);
+  const bool fold = acc == s.scalar_type();
   const auto [want_s, want_t, want_w, want_b] = output_mask;
   auto none = [&] { return at::empty({0}, s.options()); };  // outputs must not alias
 
@@ -132,7 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
   if (N > 0 && (want_s || want_t || want_w)) {
     const int64_t rows = chunk_rows(a, K, N), HW = a.H * a.W;
     at::Tensor cols = at::empty({K * rows}, s.options());
-    const at::Tensor wt = wmat.t();
+    // float / double: the upstream scale is folded into the small [K, Ct] operand rather than
+    // applied to the student-sized gradient (one pass over it less); half types would underflow.
+    const at::Tensor wt = want_s && fold ? wmat.t() * g : wmat.t();
     const at::Tensor gt_rows = want_t ? gt.view({a.B, a.Ct, HW}).permute({0, 2, 1}) : at::Tensor();
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t n = std::min(rows, N - r0);
@@ -141,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
       at::Tensor c = cols.narrow(0, 0, K * n).view({K, n});
       if (want_w || (want_t && relu)) kernels.im2col(s, ci, a.k, c);
       if (want_w) {
-        if (acc == s.scalar_type()) {
+        if (fold) {
           gw.addmm_(sv, c.t());
         } else {
           gw += at::mm(sv, c.t());
@@ -163,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
       }
     }
   }
-  if (want_s) gs = (gs *= g).to(s.scalar_type());
+  if (want_s) gs = (fold ? gs : gs *= g).to(s.scalar_type());
   if (want_t) gt *= -g;
   if (want_w) gw = (gw *= g).to(s.scalar_type()).view(weight.sizes());
   return {gs, gt, gw, gb};

@@ -8,7 +8,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "../fgd.h"
 #include "vec.h"
@@ -143,6 +148,81 @@ FGD_LOSS_CLONES(c10::BFloat16, float)
 FGD_LOSS_CLONES(c10::Half, float)
 #undef FGD_LOSS_CLONES
 
+#if FGD_X86_ISAS
+// The float gradient with streaming (non-temporal) stores, for the AVX2 and AVX-512 paths: the
+// gradient is written once, is read only by a later op and at feature-map sizes does not fit in
+// cache, and a plain store first reads every line it writes (read for ownership): a third of the
+// traffic. The same arithmetic as plane_diff_impl, in the same order (bit-identical results).
+// Needs `out` 64-byte aligned: spans start and end on 16-float segments, so every vector store
+// but the plane's tail is aligned.
+template <int kWidth, typename Vec, typename Load, typename Kernel, typename Stream>
+FGD_HD void plane_diff_stream_impl(const float* s, const float* t, const float* w, float scale,
+                                   const int64_t* begin, const int64_t* end, int64_t nspans,
+                                   int64_t n, float* out, Vec zero, Load load, Kernel kernel,
+                                   Stream stream) {
+  auto zeros = [&](int64_t lo, int64_t hi) {
+    int64_t j = lo;
+    for (; j + kWidth <= hi; j += kWidth) stream(out + j, zero);
+    for (; j < hi; ++j) out[j] = 0.0f;
+  };
+  SpanPrefetch<float> prefetch(s, t, begin, end, nspans);
+  int64_t pos = 0;
+  for (int64_t k = 0; k < nspans; ++k) {
+    prefetch.before(end[k] - begin[k]);
+    zeros(pos, begin[k]);
+    int64_t j = begin[k];
+    for (; j + kWidth <= end[k]; j += kWidth)
+      stream(out + j, kernel(load(s + j), load(t + j), load(w + j)));
+    for (; j < end[k]; ++j) {
+      const float v = scale * w[j] * (s[j] - t[j]);
+      out[j] = w[j] != 0.0f ? v : 0.0f;
+    }
+    pos = end[k];
+  }
+  zeros(pos, n);
+}
+
+FGD_TARGET_AVX512 __attribute__((noinline)) void plane_diff_stream_avx512(
+    const float* s, const float* t, const float* w, float scale, const int64_t* begin,
+    const int64_t* end, int64_t nspans, int64_t n, float* out) {
+  const __m512 zero = _mm512_setzero_ps(), sc = _mm512_set1_ps(scale);
+  plane_diff_stream_impl<16>(
+      s, t, w, scale, begin, end, nspans, n, out, zero,
+      [](const float* p) FGD_TARGET_AVX512 { return _mm512_loadu_ps(p); },
+      [&](__m512 sv, __m512 tv, __m512 wv) FGD_TARGET_AVX512 {
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sc, wv), _mm512_sub_ps(sv, tv));
+        return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(wv, zero, _CMP_NEQ_UQ), v);  // w != 0
+      },
+      [](float* p, __m512 v) FGD_TARGET_AVX512 { _mm512_stream_ps(p, v); });
+  _mm_sfence();  // streamed stores are visible to other threads (the caller's) after this
+}
+
+FGD_TARGET_AVX2 __attribute__((noinline)) void plane_diff_stream_avx2(
+    const float* s, const float* t, const float* w, float scale, const int64_t* begin,
+    const int64_t* end, int64_t nspans, int64_t n, float* out) {
+  const __m256 zero = _mm256_setzero_ps(), sc = _mm256_set1_ps(scale);
+  plane_diff_stream_impl<8>(
+      s, t, w, scale, begin, end, nspans, n, out, zero,
+      [](const float* p) FGD_TARGET_AVX2 { return _mm256_loadu_ps(p); },
+      [&](__m256 sv, __m256 tv, __m256 wv) FGD_TARGET_AVX2 {
+        const __m256 v = _mm256_mul_ps(_mm256_mul_ps(sc, wv), _mm256_sub_ps(sv, tv));
+        return _mm256_and_ps(_mm256_cmp_ps(wv, zero, _CMP_NEQ_UQ), v);  // w != 0, else +0
+      },
+      [](float* p, __m256 v) FGD_TARGET_AVX2 { _mm256_stream_ps(p, v); });
+  _mm_sfence();
+}
+
+// The streaming copy where the path and the alignment allow it, else plane_diff.
+inline void plane_diff_float(const float* s, const float* t, const float* w, float scale,
+                             const int64_t* begin, const int64_t* end, int64_t nspans, int64_t n,
+                             float* out) {
+  const bool aligned = reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  if (aligned && isa() == Isa::kAvx512) return plane_diff_stream_avx512(s, t, w, scale, begin, end, nspans, n, out);
+  if (aligned && isa() == Isa::kAvx2) return plane_diff_stream_avx2(s, t, w, scale, begin, end, nspans, n, out);
+  plane_diff(s, t, w, scale, begin, end, nspans, n, out);
+}
+#endif
+
 template <typename S, typename W>
 double loss_forward(const S* s, const S* t, const W* w, int64_t B, int64_t C, int64_t HW,
                     const Spans& sp) {
@@ -167,6 +247,13 @@ void loss_backward(const S* s, const S* t, const W* w, W scale, int64_t B, int64
   at::parallel_for(0, B * C, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t b = p / C, i = sp.first[b];
+#if FGD_X86_ISAS
+      if constexpr (std::is_same_v<S, float>) {
+        plane_diff_float(s + p * HW, t + p * HW, w + b * HW, scale, sp.begin.data() + i,
+                         sp.end.data() + i, sp.first[b + 1] - i, HW, out + p * HW);
+        continue;
+      }
+#endif
       plane_diff(s + p * HW, t + p * HW, w + b * HW, scale, sp.begin.data() + i, sp.end.data() + i,
                  sp.first[b + 1] - i, HW, out + p * HW);
     }
