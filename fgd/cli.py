@@ -2,19 +2,18 @@
 
     fgd demo                      # synthetic data, teacher / student / student + FGFI, mAP table
     fgd train --config configs/voc.yaml --output-dir runs/voc
-    fgd eval runs/voc/final.pt --json val.json --images val/
+    fgd eval runs/voc/final.pt --json val.json --images val/    # or --voc Annotations/
+    fgd convert-voc --annotations VOC2007 --images VOC2007/JPEGImages --out trainval.json
     fgd viz --json val.json --images val/ --checkpoint runs/voc/final.pt
     fgd bench
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-import typing
 from pathlib import Path
 
 log = logging.getLogger("fgd")
@@ -36,45 +35,20 @@ def _load_config_file(path: str) -> dict:
     return data
 
 
-def _add_config_flags(p: argparse.ArgumentParser, cls):
-    """One flag per config field (--train-json, --no-distill, ...), default None = 'not given', so a
-    config file and the flags have one meaning: flags override the file, the file the defaults."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        if base is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(flag, dest=f.name, type=base, default=None, metavar=base.__name__.upper(),
-                           help=f"(default: {f.default})")
-
-
 def _config(args, cls):
-    values = _load_config_file(args.config) if args.config else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                   if getattr(args, f.name) is not None})
-    try:
-        return cls.from_dict(values)
-    except (TypeError, ValueError) as e:  # the message names the key, its value and what is allowed
-        raise SystemExit(f"fgd train: {e}")
+    from .config import given_flags
+
+    values = _load_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update(given_flags(args, cls))
+    return cls.from_dict(values)  # ConfigError names the key, its value and what is allowed
 
 
 def cmd_train(args):
-    from .engine import TrainConfig, train
+    from .config import TrainConfig
+    from .engine import train
 
-    cfg = _config(args, TrainConfig)
-    try:
-        cfg.check()
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"fgd train: {e}")
+    result = train(_config(args, TrainConfig))  # checks the settings before anything runs
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
-    if cfg.distill and main:
-        print(f"fgd train: imitation warm-up = {cfg.resolved_imitation_warmup()} iterations "
-              f"(of {cfg.iterations}); lambda = {cfg.imitation_weight}, psi = {cfg.thresh}, "
-              f"levels = {cfg.level_policy}, mask = {cfg.mask_mode}", flush=True)
-    result = train(cfg)
     if not main:
         return
     if result["metrics"]:
@@ -120,18 +94,45 @@ def _check_classes(model, class_names, json_path):
                          f"categories {names[1:]}")
 
 
+def _check_annotation_flags(args, prog):
+    if bool(args.json) == bool(args.voc):
+        raise SystemExit(f"{prog}: give the annotations as --json (COCO) or --voc (Pascal VOC), one of them")
+    if args.split_file and not args.voc:
+        raise SystemExit(f"{prog}: --split-file selects the XML files of a --voc folder")
+
+
+def _dataset_for_eval(args, prog, class_names, model):
+    """The COCO (--json) or Pascal VOC (--voc) set a checkpoint is evaluated or drawn on, its
+    categories checked against (COCO) or taken from (VOC) the checkpoint's classes."""
+    from .data import CocoDetection, VocDetection
+
+    try:
+        if args.voc:
+            return VocDetection(args.voc, args.images, split_file=args.split_file,
+                                classes=class_names[1:] if class_names else None)
+        if model is not None:
+            _check_classes(model, class_names, args.json)
+        return CocoDetection(args.images, args.json)
+    except (ValueError, FileNotFoundError) as e:  # a bad file or folder: one line naming it
+        raise SystemExit(f"{prog}: {e}")
+
+
 def cmd_eval(args):
     import torch
 
-    from .engine import TrainConfig, evaluate_model, load_detector
+    from .config import TrainConfig
+    from .engine import Dist, make_loader
+    from .evaluate import evaluate
+    from .models import load_detector
 
+    _check_annotation_flags(args, "fgd eval")
     device = torch.device(args.device)
     model, c, class_names = load_detector(args.checkpoint, device)
     out = Path(args.out or Path(args.checkpoint).with_name("eval.json"))
     _check_writable(out, "fgd eval")  # before the long work, not after it
-    _check_classes(model, class_names, args.json)
+    ds = _dataset_for_eval(args, "fgd eval", class_names, model)
     cfg = TrainConfig(batch_size=args.batch_size, num_workers=args.num_workers)
-    metrics = evaluate_model(model, args.json, args.images, cfg)
+    metrics = evaluate(model, make_loader(ds, cfg, Dist(device=device), train=False)[1])
     print(metrics["summary"])
     print(f"images/s: {metrics['img/s']:.1f}")
     out.write_text(json.dumps({k: v for k, v in metrics.items() if k != "summary"}, indent=2))
@@ -139,54 +140,80 @@ def cmd_eval(args):
 
 
 def cmd_viz(args):
-    from .vizcmd import visualise
+    import tempfile
 
-    paths = visualise(args)
-    print(f"fgd viz: wrote {len(paths)} images to {args.out}")
+    from .models import build_detector, load_detector
+    from .viz import write_pictures
+
+    _check_annotation_flags(args, "fgd viz")
+    out = Path(args.out)  # checked before the model runs, not after
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"fgd viz: --out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise SystemExit(f"fgd viz: cannot write to --out {out}: {e.strerror or e}")
+    if args.checkpoint:
+        model, _, class_names = load_detector(args.checkpoint)
+    elif args.detections:
+        raise SystemExit("fgd viz: --detections needs --checkpoint")
+    else:
+        model, class_names = None, None
+    ds = _dataset_for_eval(args, "fgd viz", class_names, None)
+    if model is None:
+        model = build_detector(args.arch, ds.num_classes, args.image_size)
+    paths = write_pictures(model, ds, range(min(args.num, len(ds))), out, mask_mode=args.mask_mode,
+                           level_policy=args.level_policy, thresh=args.thresh, detections=args.detections)
+    print(f"fgd viz: wrote {len(paths)} images to {out}")
+
+
+def cmd_convert_voc(args):
+    from .data.voc import convert_voc
+
+    out = Path(args.out)
+    _check_writable(out, "fgd convert-voc")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    try:
+        summary = convert_voc(args.annotations, args.images, out, split_file=args.split_file, classes=classes)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"fgd convert-voc: {e}")
+    print(f"fgd convert-voc: wrote {out}: {summary}")
 
 
 def cmd_demo(args):
+    from .config import DemoConfig
     from .demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, iterations=args.iterations,
-             teacher_iterations=args.teacher_iterations, train_images=args.train_images,
-             val_images=args.val_images, image_size=args.image_size, batch_size=args.batch_size,
-             seed=args.seed, threads=args.threads, teacher_arch=args.teacher_arch,
-             student_arch=args.student_arch, force=args.force)
+    run_demo(_config(args, DemoConfig))
+
+
+def _annotation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", help="COCO annotation file")
+    p.add_argument("--voc", help="Pascal VOC annotations: a VOC tree or a folder of XML files")
+    p.add_argument("--split-file", help="with --voc: the image ids to read (VOC ImageSets/Main/*.txt)")
+    p.add_argument("--images", required=True, help="image folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DemoConfig, TrainConfig, add_flags
     from .distill import LEVEL_POLICIES, MASK_MODES
-    from .engine import TrainConfig
 
     p = argparse.ArgumentParser(prog="fgd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="synthetic shapes: teacher, student, student + FGFI, mAP table")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--quick", action="store_true", help="tiny run (under a minute) to check everything works")
-    d.add_argument("--iterations", type=int, help="training iterations of each student")
-    d.add_argument("--teacher-iterations", type=int)
-    d.add_argument("--train-images", type=int)
-    d.add_argument("--val-images", type=int)
-    d.add_argument("--image-size", type=int)
-    d.add_argument("--batch-size", type=int)
-    d.add_argument("--teacher-arch")
-    d.add_argument("--student-arch")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    d.add_argument("--force", action="store_true", help="retrain even where a finished run is cached")
+    add_flags(d, DemoConfig)
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="train a student (distilled or alone) on COCO-format data")
+    t = sub.add_parser("train", help="train a student (distilled or alone) on COCO or Pascal VOC data")
     t.add_argument("--config", help="YAML or JSON file of settings (flags override it)")
-    _add_config_flags(t, TrainConfig)
+    add_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="COCO mAP of a checkpoint")
+    e = sub.add_parser("eval", help="COCO mAP of a checkpoint on COCO or Pascal VOC data")
     e.add_argument("checkpoint")
-    e.add_argument("--json", required=True, help="COCO annotation file")
-    e.add_argument("--images", required=True, help="image folder")
+    _annotation_flags(e)
     e.add_argument("--out", help="metrics JSON (default: eval.json beside the checkpoint)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--num-workers", type=int, default=0)
@@ -194,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("viz", help="imitation masks (and detections) over images, as PNGs")
-    v.add_argument("--json", required=True)
-    v.add_argument("--images", required=True)
+    _annotation_flags(v)
     v.add_argument("--out", default="runs/viz")
     v.add_argument("--checkpoint", help="an fgd checkpoint: its architecture and anchors (and detections)")
     v.add_argument("--arch", default="resnet18-fpn", help="without --checkpoint: whose anchors to use")
@@ -206,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--level-policy", default="assigned", choices=LEVEL_POLICIES)
     v.add_argument("--mask-mode", default="fgfi", choices=MASK_MODES)
     v.set_defaults(func=cmd_viz)
+
+    c = sub.add_parser("convert-voc", help="Pascal VOC XML annotations to a COCO json")
+    c.add_argument("--annotations", required=True, help="a VOC tree or a folder of XML files")
+    c.add_argument("--images", required=True, help="image folder (an XML's <filename> is looked up here)")
+    c.add_argument("--split-file", help="the image ids to read (VOC ImageSets/Main/*.txt)")
+    c.add_argument("--classes", help="NAME,NAME,...: the categories in this order (default: the names in the XML)")
+    c.add_argument("--out", required=True, help="the COCO json to write")
+    c.set_defaults(func=cmd_convert_voc)
 
     sub.add_parser("bench", help="the kernel benchmarks (fgd.bench; `fgd bench --help` for its options)")
     return p
@@ -225,11 +259,12 @@ def main(argv=None):
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from .engine import RunError
+    from .checkpoint import RunError
+    from .config import ConfigError
 
     try:
         return args.func(args) or 0
-    except RunError as e:  # a reason the user can act on: one line, no traceback
+    except (RunError, ConfigError) as e:  # a reason the user can act on: one line, no traceback
         raise SystemExit(f"fgd {args.command}: {e}") from None
 
 

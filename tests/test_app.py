@@ -179,9 +179,9 @@ EVAL_BAD = [
 
 @pytest.mark.parametrize("case, why", EVAL_BAD, ids=[c for c, _ in EVAL_BAD])
 def test_eval_checks_classes_and_output_before_evaluating(shapes, teacher_ckpt, tmp_path, monkeypatch, case, why):
-    import fgd.engine
+    import fgd.evaluate
 
-    monkeypatch.setattr(fgd.engine, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before checking"))
+    monkeypatch.setattr(fgd.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking"))
     data = json.loads(Path(shapes["val_json"]).read_text())
     ckpt, out = teacher_ckpt, tmp_path / "m.json"
     if case == "renamed":
@@ -236,3 +236,82 @@ def test_teacher_from_scratch_when_no_checkpoint_is_given(shapes, tmp_path):
 def test_bench_subcommand_passes_its_options_through(capsys):
     assert cli.main(["bench", "--quick", "--no-compile", "--repeat", "1"]) == 0
     assert "| imitation_loss |" in capsys.readouterr().out
+
+
+def _coco_to_voc(json_path, folder: Path) -> Path:
+    """The shapes set as Pascal VOC XML files (1-based pixel corners), one beside where its image is."""
+    data = json.loads(Path(json_path).read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for im in data["images"]:
+        objects = "".join(
+            f"<object><name>{names[a['category_id']]}</name><difficult>0</difficult><bndbox>"
+            f"<xmin>{a['bbox'][0] + 1}</xmin><ymin>{a['bbox'][1] + 1}</ymin><xmax>{a['bbox'][0] + a['bbox'][2]}</xmax>"
+            f"<ymax>{a['bbox'][1] + a['bbox'][3]}</ymax></bndbox></object>"
+            for a in data["annotations"] if a["image_id"] == im["id"])
+        (folder / (Path(im["file_name"]).stem + ".xml")).write_text(
+            f"<annotation><filename>{im['file_name']}</filename><size><width>{im['width']}</width>"
+            f"<height>{im['height']}</height><depth>3</depth></size>{objects}</annotation>")
+    return folder
+
+
+def test_train_eval_viz_and_convert_on_pascal_voc(shapes, tmp_path, capsys):
+    train_voc = _coco_to_voc(shapes["train_json"], tmp_path / "train_xml")
+    val_voc = _coco_to_voc(shapes["val_json"], tmp_path / "val_xml")
+    split = tmp_path / "train.txt"  # VOC's ImageSets/Main/train.txt: a subset of the XML files
+    split.write_text("\n".join(p.stem for p in sorted(train_voc.glob("*.xml"))[:16]) + "\n")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--train-voc", str(train_voc), "--train-images", shapes["train_images"],
+                     "--train-split-file", str(split), "--val-voc", str(val_voc), "--val-images", shapes["val_images"],
+                     "--no-distill", "--iterations", "2", "--batch-size", "4", "--image-size", "64",
+                     "--student-fpn-channels", "32", "--threads", "1", "--no-progress", "--output-dir", str(out)]) == 0
+    assert "Average Precision" in capsys.readouterr().out
+    ckpt = torch.load(out / "final.pt", weights_only=True)
+    assert ckpt["class_names"] == ["__background__", "circle", "square", "triangle"]  # the names found, sorted
+    # eval reads the VOC folder with the checkpoint's classes; the COCO json written by convert-voc
+    # gives the same numbers
+    assert cli.main(["eval", str(out / "final.pt"), "--voc", str(val_voc), "--images", shapes["val_images"],
+                     "--out", str(tmp_path / "voc_eval.json"), "--device", "cpu"]) == 0
+    converted = tmp_path / "val_converted.json"
+    assert cli.main(["convert-voc", "--annotations", str(val_voc), "--images", shapes["val_images"],
+                     "--classes", "circle,square,triangle", "--out", str(converted)]) == 0
+    assert cli.main(["eval", str(out / "final.pt"), "--json", str(converted), "--images", shapes["val_images"],
+                     "--out", str(tmp_path / "coco_eval.json"), "--device", "cpu"]) == 0
+    voc_m, coco_m = (json.loads((tmp_path / n).read_text()) for n in ("voc_eval.json", "coco_eval.json"))
+    assert {k: voc_m[k] for k in ("AP", "AP50")} == {k: coco_m[k] for k in ("AP", "AP50")}
+    assert cli.main(["viz", "--voc", str(val_voc), "--images", shapes["val_images"], "--out", str(tmp_path / "viz"),
+                     "--checkpoint", str(out / "final.pt"), "--num", "1"]) == 0
+
+
+def test_voc_command_line_errors_are_one_line(shapes, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.xml").write_text("<annotation><filename>x.png</filename>")  # unclosed
+    with pytest.raises(SystemExit, match=r"^fgd convert-voc: .*a.xml: not valid Pascal VOC XML"):
+        cli.main(["convert-voc", "--annotations", str(bad), "--images", shapes["val_images"],
+                  "--out", str(tmp_path / "o.json")])
+    with pytest.raises(SystemExit, match=r"^fgd train: .*a.xml: not valid Pascal VOC XML"):
+        cli.main(["train", "--train-voc", str(bad), "--train-images", shapes["val_images"], "--no-distill",
+                  "--output-dir", str(tmp_path / "r"), "--no-progress"])
+    with pytest.raises(SystemExit, match=r"^fgd train: config: give the training annotations as train_json"):
+        cli.main(["train", "--train-voc", str(bad), "--train-json", "a.json", "--train-images", "x", "--no-distill"])
+    with pytest.raises(SystemExit, match=r"^fgd eval: give the annotations as --json \(COCO\) or --voc"):
+        cli.main(["eval", "x.pt", "--images", "x"])
+
+
+def test_demo_seeds_and_ablation(tmp_path, capsys):
+    import csv
+
+    assert cli.main(["demo", "--quick", "--seeds", "2", "--ablation", "--out", str(tmp_path), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "best student:" in out and "mean ± std over seeds 0, 1" in out
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == [
+        "teacher (resnet18-fpn)", "student (resnet18-slim-fpn)", "student + FGFI (resnet18-slim-fpn)",
+        "student + full-map imitation (resnet18-slim-fpn)", "student + GT-box imitation (resnet18-slim-fpn)"]
+    for r in rows:  # numbers, never "a ± b"
+        for key in ("AP", "AP50", "AP_std", "AP50_std"):
+            float(r[key])
+    assert (tmp_path / "seed1" / "student_gt_box" / "final.pt").exists()  # seed 0's runs are at the top
+    assert (tmp_path / "student_fgfi" / "final.pt").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["CocoDetection", "collate_fn", "Compose", "RandomHorizontalFlip", "ResumableSampler"]
+from .voc import voc_to_coco
+
+__all__ = ["CocoDetection", "VocDetection", "collate_fn", "Compose", "RandomHorizontalFlip", "ResumableSampler"]
 
 log = logging.getLogger("fgd.data")
 
@@ -42,13 +45,23 @@ class CocoDetection(torch.utils.data.Dataset):
     too (``on_bad="skip"``) or raise (``on_bad="error"``).
     """
 
-    def __init__(self, image_dir, ann_file, transforms=None, on_bad: str = "skip"):
+    def __init__(self, image_dir, ann_file, transforms=None, on_bad: str = "skip", name=None):
+        """``ann_file``: the path of a COCO json, or an already-built COCO dict (copied, then checked
+        as a file would be). ``name`` is what messages call the annotations (default: the path, or
+        "COCO annotations" for a dict)."""
         if on_bad not in ("skip", "error"):
             raise ValueError(f"CocoDetection: on_bad must be 'skip' or 'error', got {on_bad!r}")
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"CocoDetection: image_dir {image_dir} is not a directory")
-        self.image_dir, self.ann_file, self.transforms = str(image_dir), str(ann_file), transforms
-        data = _load_json(self.ann_file)
+        self.image_dir, self.transforms = str(image_dir), transforms
+        if isinstance(ann_file, dict):
+            # a copy: the checks fill in defaults and evaluation drops unusable boxes, which must
+            # not change the caller's dict
+            self.ann_file = str(name) if name is not None else "COCO annotations"
+            data = _check_coco(copy.deepcopy(ann_file), self.ann_file)
+        else:
+            self.ann_file = str(ann_file) if name is None else str(name)
+            data = _load_json(str(ann_file))
 
         from pycocotools.coco import COCO
 
@@ -147,8 +160,20 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
+class VocDetection(CocoDetection):
+    """Pascal VOC XML annotations as a ``CocoDetection``: ``voc_to_coco`` reads them (see its
+    docstring for the box convention, ``difficult`` objects and what is skipped), then the COCO
+    reader takes the dict. ``skipped`` holds the counts of both."""
+
+    def __init__(self, voc_dir, image_dir, split_file=None, classes=None, transforms=None):
+        coco, skipped = voc_to_coco(voc_dir, image_dir, split_file=split_file, classes=classes)
+        name = f"Pascal VOC annotations {voc_dir}" + (f" (split {split_file})" if split_file else "")
+        super().__init__(image_dir, coco, transforms=transforms, name=name)
+        self.skipped.update(skipped)  # adds: the reader dropped what CocoDetection never sees
+
+
 def _load_json(path: str) -> dict:
-    """The parsed json, checked enough that every later access is safe; ValueError naming the file."""
+    """The parsed json, checked by ``_check_coco``; ValueError naming the file."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -158,9 +183,15 @@ def _load_json(path: str) -> dict:
         raise ValueError(f"COCO annotation file {path} is not valid JSON: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"COCO annotation file {path} cannot be read: {e}") from None
+    return _check_coco(data, f"COCO annotation file {path}")
+
+
+def _check_coco(data, name: str) -> dict:
+    """``data`` (a parsed COCO dict), checked enough that every later access is safe, with the
+    ``area`` / ``iscrowd`` defaults filled in; ValueError starting with ``name``."""
 
     def bad(what):
-        return ValueError(f"COCO annotation file {path}: {what}")
+        return ValueError(f"{name}: {what}")
 
     if not isinstance(data, dict):
         raise bad(f"the top level must be an object, got {type(data).__name__}")

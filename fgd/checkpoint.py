@@ -1,0 +1,238 @@
+"""Checkpoints of the `fgd` application.
+
+A checkpoint is data: tensors and plain containers only, loaded with weights_only=True, so a file
+someone hands you cannot run code. It records its run's identity (run_id: a hash of the settings
+that define what the run computes); its file name carries it, so pruning and resuming only ever
+touch this run's files. ``TrainState`` is what one holds: the model (with its adaptation layers),
+optimizer, schedule, AMP scaler, the position in the data and every RNG state.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("fgd")
+
+
+
+class RunError(RuntimeError):
+    """A reason a run cannot go on that the user can act on; `fgd` prints it as one line."""
+
+
+# Settings that do not change what a run computes: a resume may change them freely.
+_NOT_IDENTITY = frozenset({"output_dir", "resume", "allow_changes", "progress", "log_every", "checkpoint_every",
+                           "keep_checkpoints", "threads", "num_workers", "val_json", "val_voc", "val_split_file",
+                           "val_images"})
+
+
+def run_identity(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+
+
+def run_id(config: dict) -> str:
+    text = json.dumps(run_identity(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def rng_state() -> dict:
+    # numpy's state as plain values (its array is not something weights_only loads)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, cached], "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_TMP = ".{name}.tmp{pid}"
+
+
+def save_atomic(obj, path: Path):
+    """Write to a temporary file in the same folder, then os.replace: a reader (or a resume after a
+    kill) sees the old file or the new one, never half of one. A failed write (disk full, file too
+    large, the path a folder) removes its partial file, leaves the previous file as it was and
+    raises RunError; a kill leaves the temporary file, which the next start removes."""
+    tmp = path.with_name(_TMP.format(name=path.name, pid=os.getpid()))
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"could not write {path}: {e}; nothing was replaced (the previous file, if any, is "
+                       "intact)") from e
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete the temporary files that killed or failed writes left in ``folder``; returns how many."""
+    removed = 0
+    for tmp in folder.glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def load_checkpoint(path, required=("config",)) -> dict:
+    """The dict an fgd checkpoint holds, loaded as data; RunError in one line naming the file and
+    what was expected when it is missing, empty, truncated, foreign or would need code to load."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    if path.stat().st_size == 0:
+        raise RunError(f"checkpoint {path} is empty (0 bytes): an interrupted copy? Expected a .pt file written "
+                       "by fgd train")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/pickle readers raise several types for a truncated or foreign file
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line or "global" in line), None)
+        if isinstance(e, pickle.UnpicklingError) and code:  # weights_only refused what would run code
+            raise RunError(f"refusing to load {path}: it holds objects that need code to load ({code}); an fgd "
+                           "checkpoint holds only tensors and plain values. Never load files you do not trust") \
+                from None
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reason = next((line for line in lines if not line.startswith(boilerplate)), type(e).__name__)
+        raise RunError(f"checkpoint {path} is not readable as a PyTorch file ({reason[:200]}); expected a .pt "
+                       "file written by fgd train") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise RunError(f"{path} is not an fgd checkpoint: no {', '.join(repr(k) for k in missing)} entries")
+    return ckpt
+
+
+_CKPT = re.compile(r"ckpt_(?:(?P<run>[0-9a-f]{12})_)?(?P<it>\d+)\.pt$")
+
+
+def checkpoints(folder: Path, run: Optional[str] = None) -> list:
+    """Checkpoints in ``folder``, oldest iteration first: of run ``run`` only, or of every run
+    (names without a run id, from before ids existed, count as another run)."""
+    found = []
+    for path in Path(folder).glob("ckpt_*.pt"):
+        m = _CKPT.match(path.name)
+        if m and (run is None or m["run"] == run):
+            found.append((int(m["it"]), path))
+    return [p for _, p in sorted(found)]
+
+
+def load_latest(folder: Path, run: Optional[str] = None):
+    """The newest checkpoint of run ``run`` (any run if None) that loads; a corrupt one is reported
+    and the previous one is used."""
+    for path in reversed(checkpoints(folder, run)):
+        try:
+            return path, load_checkpoint(path, ("model", "iteration", "config"))
+        except RunError as e:  # truncated or garbled file: say so, fall back
+            log.error("%s; falling back to the previous checkpoint", e)
+    return None, None
+
+
+def _differences(old: dict, new: dict) -> dict:
+    keys = sorted(set(run_identity(old)) | set(run_identity(new)))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
+def checkpoint_to_resume(ckpt_dir: Path, config: dict) -> tuple:
+    """(path, checkpoint) to resume, or (None, None) to start fresh. This run's newest checkpoint;
+    else another run's only if the settings that differ are all in config["allow_changes"]."""
+    rid = run_id(config)
+    path, ckpt = load_latest(ckpt_dir, rid)
+    if ckpt is not None or not checkpoints(ckpt_dir):
+        return path, ckpt
+    path, ckpt = load_latest(ckpt_dir)
+    if ckpt is None:
+        return None, None
+    diff = _differences(ckpt["config"], config)
+    allowed = {k.strip() for k in (config.get("allow_changes") or "").split(",") if k.strip()}
+    refused = {k: v for k, v in diff.items() if k not in allowed and "*" not in allowed}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in refused.items())
+        raise RunError(f"--resume: the newest checkpoint in {ckpt_dir} ({path.name}) belongs to another run: "
+                       f"{listed}. To continue it with the new settings pass --allow-changes "
+                       f"{','.join(refused)}; to start this run afresh, use another --output-dir or drop --resume")
+    log.warning("resuming %s, a run with other settings (%s), as --allow-changes permits", path.name,
+                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+    return path, ckpt
+
+
+def set_aside_old_checkpoints(ckpt_dir: Path) -> None:
+    """A fresh run starts with no checkpoints beside it: earlier ones are moved (never deleted) to
+    a folder of their own, so that pruning and a later --resume can only meet this run's."""
+    old = checkpoints(ckpt_dir)
+    if not old:
+        return
+    aside = ckpt_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for path in old:
+        os.replace(path, aside / path.name)
+    log.warning("a fresh run in %s: moved %d checkpoints of an earlier run to %s (pass --resume to "
+                "continue a run instead)", ckpt_dir, len(old), aside)
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs, at an iteration boundary: ``position`` batches of ``epoch``
+    are done (a checkpoint taken at the end of an epoch records the next one, position 0)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    def state_dict(self, rng: list, config: dict, extra: dict) -> dict:
+        module = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        return {"model": module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "iteration": self.iteration, "epoch": self.epoch, "position": self.position, "rng": rng,
+                "config": config, "run_id": run_id(config), **extra}
+
+    def load_state_dict(self, ckpt: dict, rank: int) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration, self.epoch, self.position = ckpt["iteration"], ckpt["epoch"], ckpt["position"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+
+
+def save_checkpoint(state: TrainState, config: dict, extra: dict, folder: Path, keep: int, world: int = 1,
+                    main: bool = True) -> None:
+    """Writes ``folder/ckpt_<run id>_<iteration>.pt`` and prunes this run's older ones to ``keep``.
+    Every rank calls it (each rank's RNG state is gathered); rank 0 writes."""
+    rng = [rng_state()]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if not main:
+        return
+    rid = run_id(config)
+    save_atomic(state.state_dict(rng, config, extra), folder / f"ckpt_{rid}_{state.iteration:08d}.pt")
+    for old in checkpoints(folder, rid)[:-keep]:  # only this run's, by iteration
+        old.unlink(missing_ok=True)
