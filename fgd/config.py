@@ -70,6 +70,17 @@ def _check_settings(cls, values: dict) -> None:
             raise ConfigError(f"config: {name} must be {allowed}, got {value!r}")
 
 
+def _from_dict(cls, d: dict):
+    """``cls(**d)`` for settings read from a file or flags: unknown keys and bad types or ranges are
+    refused here, before anything else runs."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names, key=str)
+    if unknown:
+        raise ConfigError(f"config: unknown keys {unknown}; known: {sorted(names)}")
+    _check_settings(cls, d)
+    return cls(**d)
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved as config.json beside its checkpoints."""
@@ -137,12 +148,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names, key=str)
-        if unknown:
-            raise ConfigError(f"config: unknown keys {unknown}; known: {sorted(names)}")
-        _check_settings(cls, d)  # here too, so a bad file fails before anything else runs
-        return cls(**d)
+        return _from_dict(cls, d)
 
     def check(self):
         _check_settings(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -239,12 +245,7 @@ class DemoConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DemoConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names, key=str)
-        if unknown:
-            raise ConfigError(f"config: unknown keys {unknown}; known: {sorted(names)}")
-        _check_settings(cls, d)
-        cfg = cls(**d)
+        cfg = _from_dict(cls, d)
         if cfg.data not in ("shapes", "trees"):
             raise ConfigError(f"config: data must be shapes or trees, got {cfg.data!r}")
         return cfg
