@@ -121,7 +121,6 @@ def _verdict(mean: dict, labels: dict) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from .data import make_shapes_dataset
     from .evaluate import format_table, write_table
     from .viz import plot_curves, plot_map_table
 
@@ -145,8 +144,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         folder = out if seed == cfg.seed else out / f"seed{seed}"  # the first seed's runs are a single run's
         runs = _configs(p, data, folder, seed, cfg.threads, cfg.ablation)
         rows = {}
+        teacher_new = False
         for key, (label, run_cfg) in runs.items():
-            metrics, secs, cached = _run(run_cfg, cfg.force)
+            # a distilled run cached against an earlier teacher is stale once the teacher retrains
+            metrics, secs, cached = _run(run_cfg, cfg.force or (teacher_new and run_cfg.distill))
+            teacher_new = teacher_new or (key == "teacher" and not cached)
             rows[label] = metrics
             seconds.setdefault(label, []).append(secs)
             print(f"fgd demo: seed {seed}: {label}: AP {100 * metrics['AP']:.1f}, AP50 {100 * metrics['AP50']:.1f} "
