@@ -132,7 +132,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
-    print(f"fgd demo: {p['train_images']} train / {p['val_images']} val shapes images of {p['image_size']} px; "
+    what = (f"deepforest's tree crowns in {p['image_size']} px tiles" if cfg.data == "trees" else
+            f"{p['train_images']} train / {p['val_images']} val shapes images of {p['image_size']} px")
+    print(f"fgd demo: {what}; "
           f"teacher {p['teacher_arch']} ({p['teacher_iterations']} it), student {p['student_arch']} "
           f"({p['iterations']} it{', alone, with FGFI and the ablation' if cfg.ablation else ', alone and with FGFI'}), "
           f"batch {p['batch_size']}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
