@@ -197,7 +197,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        help_text = (f.metadata.get("help", "") + f" (default: {f.default})").strip()
+        help_text = (f.metadata.get("help", "") + f" (default: {f.metadata.get('default', f.default)})").strip()
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
@@ -213,7 +213,8 @@ def given_flags(args: argparse.Namespace, cls) -> dict:
 
 
 def _help(text: str):
-    return dataclasses.field(default=None, metadata={"help": text})
+    """A demo setting whose None means the preset's value."""
+    return dataclasses.field(default=None, metadata={"help": text, "default": "the preset's"})
 
 
 @dataclass
