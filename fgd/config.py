@@ -105,6 +105,7 @@ class TrainConfig:
     image_size: int = 128
     rois_per_image: int = 128                 # RoIs sampled per image to train the box head
     roi_sampling: int = 2                     # RoIAlign samples per bin side (its CPU backward is slow)
+    fpn_norm: bool = False                    # BatchNorm in the FPN (steadier from random init)
     distill: bool = True
     teacher_arch: Optional[str] = None        # trained from scratch first when no checkpoint is given
     teacher_fpn_channels: int = 128

@@ -126,7 +126,7 @@ def make_loader(ds, cfg: TrainConfig, dist: Dist, train: bool):
 def build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return build_detector(cfg.student_arch, num_classes, cfg.image_size, detector=cfg.detector,
                           fpn_channels=cfg.student_fpn_channels, rois_per_image=cfg.rois_per_image,
-                          roi_sampling=cfg.roi_sampling)
+                          roi_sampling=cfg.roi_sampling, fpn_norm=cfg.fpn_norm)
 
 
 def _teacher(cfg: TrainConfig, dist: Dist) -> nn.Module:

@@ -12,15 +12,17 @@ ARCHS = ("resnet18-fpn", "resnet34-fpn", "resnet50-fpn", "mobilenet_v3-fpn", "re
 DETECTORS = ("fasterrcnn", "retinanet")
 
 
-def fpn_backbone(arch: str, fpn_channels: int, layers=(2, 3, 4)) -> nn.Module:
+def fpn_backbone(arch: str, fpn_channels: int, layers=(2, 3, 4), fpn_norm: bool = False) -> nn.Module:
     """An FPN backbone with levels at the strides of the given ResNet stages (layer2: 8, layer3: 16,
     layer4: 32) plus a max-pool level at twice the last; MobileNetV3: torchvision's two coarse levels
-    plus the pool level."""
+    plus the pool level. ``fpn_norm``: BatchNorm after every FPN convolution (trained from random
+    initialisation, the demo's teacher without it stalled on one seed in three)."""
     from torchvision.models import mobilenet_v3_large, resnet
     from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor
 
+    norm = nn.BatchNorm2d if fpn_norm else None
     if arch == "mobilenet_v3-fpn":
-        return _mobilenet_extractor(mobilenet_v3_large(weights=None), True, 6)
+        return _mobilenet_extractor(mobilenet_v3_large(weights=None), True, 6, norm_layer=norm)
     builders = {"resnet18-fpn": (resnet.resnet18, 1), "resnet34-fpn": (resnet.resnet34, 1),
                 "resnet50-fpn": (resnet.resnet50, 4), "resnet18-slim-fpn": (_slim_resnet18, 0.5)}
     if arch not in builders:
@@ -28,7 +30,7 @@ def fpn_backbone(arch: str, fpn_channels: int, layers=(2, 3, 4)) -> nn.Module:
     build, expansion = builders[arch]
     channels = [int(64 * 2 ** (k - 1) * expansion) for k in layers]
     return BackboneWithFPN(build(weights=None), {f"layer{k}": str(i) for i, k in enumerate(layers)}, channels,
-                           fpn_channels)
+                           fpn_channels, norm_layer=norm)
 
 
 def _slim_resnet18(weights=None) -> nn.Module:
@@ -55,7 +57,7 @@ def _slim_resnet18(weights=None) -> nn.Module:
 def build_detector(arch: str, num_classes: int, image_size: int = 128, *, detector: str = "fasterrcnn",
                    fpn_channels: int = 128, anchor_sizes=(16, 32, 64, 128), box_head: int = 256,
                    rois_per_image: int = 128, rpn_samples: int = 128, layers=(2, 3, 4),
-                   roi_sampling: int = 2) -> nn.Module:
+                   roi_sampling: int = 2, fpn_norm: bool = False) -> nn.Module:
     """A torchvision detector whose transform resizes images to ``image_size`` (shorter side, and at
     most ``image_size * 5 / 3`` on the longer, as 600 / 1000 in the paper's setting). ``anchor_sizes``:
     one per level, finest first (extended by doubling if short); ``layers``: the ResNet stages whose
@@ -67,7 +69,7 @@ def build_detector(arch: str, num_classes: int, image_size: int = 128, *, detect
 
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose one of {DETECTORS}")
-    backbone = fpn_backbone(arch, fpn_channels, layers)
+    backbone = fpn_backbone(arch, fpn_channels, layers, fpn_norm)
     names = [str(i) for i in range(2 if arch == "mobilenet_v3-fpn" else len(layers))]
     levels = len(names) + 1  # + the max-pool level
     sizes = tuple(anchor_sizes)
@@ -99,7 +101,8 @@ def load_detector(path, device="cpu") -> tuple:
     try:
         model = build_detector(c["student_arch"], ckpt["num_classes"], c["image_size"], detector=c["detector"],
                                fpn_channels=c["student_fpn_channels"], rois_per_image=c.get("rois_per_image", 128),
-                               roi_sampling=c.get("roi_sampling", 2))  # older checkpoints: the defaults
+                               roi_sampling=c.get("roi_sampling", 2),  # older checkpoints: the defaults
+                               fpn_norm=c.get("fpn_norm", False))
         model.load_state_dict(ckpt["student"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise RunError(f"{path}: its weights do not fit the detector its config describes "
