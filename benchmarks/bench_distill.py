@@ -16,7 +16,8 @@ import torch
 
 import fgd
 from fgd.bench import device_name, time_ms
-from fgd.distill import level_anchors
+from fgd.distill import detector_levels
+from fgd.distill.torchvision import same_stride
 from fgd.testing import random_boxes, tiny_detector
 
 
@@ -75,19 +76,15 @@ def main(argv=None):
         return run
 
     # the pieces, on the inputs the distiller sees
-    image_list, tv_targets = student.transform(images, copy.deepcopy(targets))
-    batch = image_list.tensors
-    s_feats = [f.detach().requires_grad_() for f in student.backbone(batch).values()]
     with torch.no_grad():
-        t_all = list(teacher.backbone(batch).values())
-    t_feats = [d._same_stride(f, t_all, i) for i, f in enumerate(s_feats)]
-    boxes = [t["boxes"] for t in tv_targets]
+        levels = detector_levels(student, images, copy.deepcopy(targets))
+        t_all = list(teacher.backbone(levels.batch).values())
+    batch, masks = levels.batch, levels.masks
+    s_feats = [f.detach().requires_grad_() for f in levels.features]
+    t_feats = [same_stride(f, t_all, i) for i, f in enumerate(s_feats)]
 
-    def anchors_and_masks():
-        anchors = level_anchors(student, image_list, s_feats)
-        return d.masks(anchors, boxes, [f.shape[-2:] for f in s_feats], batch.shape[-2:])
-
-    masks = anchors_and_masks()
+    def imitation_masks():
+        return d.masks(levels.anchors, levels.boxes, [f.shape[-2:] for f in s_feats], batch.shape[-2:])
 
     def teacher_forward():
         with torch.no_grad():
@@ -113,7 +110,7 @@ def main(argv=None):
             ("distiller step, sparse adaptation (default)", timed(distill_step(d))),
             ("distiller step, dense adaptation", timed(distill_step(d_dense))),
             ("  teacher backbone forward", teacher_ms),
-            ("  anchors + imitation masks", timed(anchors_and_masks)),
+            ("  imitation masks (from the anchors)", timed(imitation_masks)),
             ("  adapters + imitation loss, fwd+bwd: sparse", timed(adapt_and_loss(True))),
             ("  adapters + imitation loss, fwd+bwd: dense", timed(adapt_and_loss(False)))]
     print(f"fgd {fgd.__version__} | torch {torch.__version__} | device: {device_name(device)}")

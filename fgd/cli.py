@@ -4,6 +4,7 @@
     fgd train --config configs/voc.yaml --output-dir runs/voc
     fgd eval runs/voc/final.pt --json val.json --images val/    # or --voc Annotations/
     fgd convert-voc --annotations VOC2007 --images VOC2007/JPEGImages --out trainval.json
+    fgd export-yolo --train-json t.json --train-images t/ --val-json v.json --val-images v/ --out yolo/
     fgd viz --json val.json --images val/ --checkpoint runs/voc/final.pt
     fgd bench
 """
@@ -181,6 +182,17 @@ def cmd_convert_voc(args):
     print(f"fgd convert-voc: wrote {out}: {summary}")
 
 
+def cmd_export_yolo(args):
+    from .data.yolo import coco_to_yolo
+
+    try:
+        yaml = coco_to_yolo({"train": (args.train_json, args.train_images), "val": (args.val_json, args.val_images)},
+                            args.out)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"fgd export-yolo: {e}")
+    print(f"fgd export-yolo: wrote {yaml} (train with YOLO(...).train(data={str(yaml)!r}))")
+
+
 def cmd_demo(args):
     from .config import DemoConfig
     from .demo import run_demo
@@ -240,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--classes", help="NAME,NAME,...: the categories in this order (default: the names in the XML)")
     c.add_argument("--out", required=True, help="the COCO json to write")
     c.set_defaults(func=cmd_convert_voc)
+
+    y = sub.add_parser("export-yolo", help="COCO json (e.g. the demo's shapes) to an Ultralytics YOLO data set")
+    for split in ("train", "val"):
+        y.add_argument(f"--{split}-json", required=True, help=f"the {split} split's COCO json")
+        y.add_argument(f"--{split}-images", required=True, help=f"the {split} split's image folder")
+    y.add_argument("--out", required=True, help="folder for images/, labels/ and data.yaml")
+    y.set_defaults(func=cmd_export_yolo)
 
     sub.add_parser("bench", help="the kernel benchmarks (fgd.bench; `fgd bench --help` for its options)")
     return p

@@ -203,18 +203,14 @@ def plot_map_table(rows: dict, path, metrics=("AP", "AP50", "AP75")) -> Path:
 def sample_masks(model, images, targets, *, mask_mode="fgfi", level_policy="assigned", thresh=0.5):
     """(display images [B, 3, H, W] in [0, 1] at the padded model resolution, masks per level
     [B, h, w], GT boxes per image in that resolution) for a torchvision detector's anchors."""
-    from .distill import imitation_masks, level_anchors
+    from .distill import detector_levels
 
     model.eval()
-    image_list, tt = model.transform(list(images), [dict(t) for t in targets])
-    feats = list(model.backbone(image_list.tensors).values())
-    anchors = level_anchors(model, image_list, feats)
-    boxes = [t["boxes"] for t in tt]
-    masks = imitation_masks(anchors, boxes, [f.shape[-2:] for f in feats], image_list.tensors.shape[-2:],
-                            mask_mode=mask_mode, level_policy=level_policy, thresh=thresh)
-    mean = torch.tensor(model.transform.image_mean, device=image_list.tensors.device)[:, None, None]
-    std = torch.tensor(model.transform.image_std, device=image_list.tensors.device)[:, None, None]
-    shown = (image_list.tensors * std + mean).clamp(0, 1)
+    levels = detector_levels(model, images, targets, mask_mode=mask_mode, level_policy=level_policy, thresh=thresh)
+    batch, masks, boxes = levels.batch, levels.masks, levels.boxes
+    mean = torch.tensor(model.transform.image_mean, device=batch.device)[:, None, None]
+    std = torch.tensor(model.transform.image_std, device=batch.device)[:, None, None]
+    shown = (batch * std + mean).clamp(0, 1)
     return shown, masks, boxes
 
 

@@ -237,9 +237,9 @@ def test_iteration_counts_only_forwards_that_return(where, monkeypatch):
     if where == "student":
         bad = [dict(t, boxes=t["boxes"][:, [2, 1, 0, 3]]) for t in targets]  # x2 < x1: torchvision refuses it
     else:
-        def oom(*args):
+        def oom(*args, **kwargs):
             raise RuntimeError("out of memory")
-        monkeypatch.setattr(d, "_imitation", oom)
+        monkeypatch.setattr(d.imitation, "forward", oom)  # the core fails mid-step
     with pytest.raises((AssertionError, RuntimeError)):
         d(images, bad)
     monkeypatch.undo()
