@@ -70,7 +70,6 @@ def main(argv=None):
     from fgd.bench import cpu_model
     from fgd.integrations.ultralytics import FGFITrainer
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     t_start = time.perf_counter()
     tj, td = make_shapes_dataset(out / "shapes", args.train_images, args.imgsz, seed=0, split="train")
@@ -103,7 +102,7 @@ def main(argv=None):
               f"{statistics.fmean(x['seconds'] for x in r):.0f} |" for name, r in table]
     header = (f"{args.train_images} / {args.val_images} shapes images at {args.imgsz} px; teacher {args.teacher_epochs} "
               f"epochs, students {args.epochs} epochs, batch {args.batch}, seeds 0..{args.seeds - 1}; CPU: {cpu_model()}, "
-              f"{torch.get_num_threads()} threads; wall {time.perf_counter() - t_start:.0f} s")
+              f"torch threads as Ultralytics sets them: {torch.get_num_threads()}; wall {time.perf_counter() - t_start:.0f} s")
     (out / "results.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

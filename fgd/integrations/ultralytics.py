@@ -319,8 +319,9 @@ class FGFITrainer(DetectionTrainer):
         from ultralytics.utils.torch_utils import unwrap_model
 
         result = getattr(unwrap_model(trainer.model), "last_imitation", None)
-        if result is not None and not result.warming_up:
-            trainer._fgfi_epoch.append(([float(x) for x in result.level_losses], [int(n) for n in result.num_pos]))
+        if result is not None and not result.warming_up:  # kept on the device: no sync per step
+            trainer._fgfi_epoch.append(torch.stack([torch.stack([l.float() for l in result.level_losses]),
+                                                    torch.stack([n.float() for n in result.num_pos])]))
 
     @staticmethod
     def _log_epoch(trainer):
@@ -332,9 +333,8 @@ class FGFITrainer(DetectionTrainer):
         if not rows:
             LOGGER.info(f"FGFI epoch {trainer.epoch + 1}: warm-up (no imitation yet)")
             return
-        levels = len(rows[0][0])
-        loss = [sum(r[0][i] for r in rows) / len(rows) for i in range(levels)]
-        num_pos = [sum(r[1][i] for r in rows) / len(rows) for i in range(levels)]
+        loss, num_pos = torch.stack(rows).mean(dim=0).tolist()  # per level, mean over the epoch's steps
+        levels = len(loss)
         LOGGER.info(f"FGFI epoch {trainer.epoch + 1}: imitation loss per level {[round(x, 4) for x in loss]}, "
                     f"N_p per level (mean per batch) {[round(x, 1) for x in num_pos]}")
         path = trainer.save_dir / "fgfi.csv"
