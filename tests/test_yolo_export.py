@@ -58,6 +58,6 @@ def test_cli_reports_a_bad_file_in_one_line(tmp_path):
     bad.write_text("{not json")
     done = subprocess.run([sys.executable, "-m", "fgd.cli", "export-yolo", "--train-json", str(bad), "--train-images",
                            val[1], "--val-json", val[0], "--val-images", val[1], "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tmp_path)  # the installed fgd, not a source tree
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("fgd export-yolo: COCO annotation file") and "not valid JSON" in done.stderr
