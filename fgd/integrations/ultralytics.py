@@ -163,10 +163,14 @@ class FGFIDistillationModel(DistillationModel):
             level_policy=settings["fgfi_levels"], adapter=settings["fgfi_adapter"],
             sparse_adaptation=settings["fgfi_sparse"], who="FGFITrainer").to(next(student_model.parameters()).device)
         self.last_imitation = None
+        # fixed for the model's life: read once, so no step reads a device tensor back to the host
+        self.strides = [float(x) for x in student_model.stride]
+        self._anchors: dict = {}  # (feature sizes, device) -> anchors per level, made once per input size
 
     def __getstate__(self):
         state = super().__getstate__()
         state["last_imitation"] = None  # the last step's masks and losses: not for checkpoints
+        state["_anchors"] = {}
         return state
 
     def __setstate__(self, state):
@@ -179,10 +183,6 @@ class FGFIDistillationModel(DistillationModel):
                 "this checkpoint is a run distilled with fgd's FGFI; resume it with its trainer: "
                 "YOLO(last).train(resume=True, trainer=fgd.integrations.ultralytics.FGFITrainer)")
         return super().__getattr__(name)
-
-    @property
-    def strides(self) -> list:
-        return [float(s) for s in self.student_model.stride]
 
     def loss(self, batch, preds=None):
         """Training: the student's detection loss, Ultralytics' KD term (``dis_loss``, 0 unless
@@ -212,9 +212,12 @@ class FGFIDistillationModel(DistillationModel):
             n = len(self.feats_idx) - 1
             s_feats = [self.decouple_outputs(self._student_feats[i]) for i in range(n)]
             t_feats = [self.decouple_outputs(self._teacher_feats[i]) for i in range(n)]
-            anchors, boxes, size = yolo_levels(s_feats, batch, self.strides, self.fgfi_settings["fgfi_anchor_scale"],
-                                               self.fgfi_settings["fgfi_anchor_ratios"])
-            result = core(s_feats, t_feats, anchors, boxes, size,
+            H, W = batch["img"].shape[-2:]
+            key = (tuple(tuple(f.shape[-2:]) for f in s_feats), s_feats[0].device)
+            if key not in self._anchors:  # multi_scale changes the size between batches
+                self._anchors[key] = point_anchors(s_feats, self.strides, self.fgfi_settings["fgfi_anchor_scale"],
+                                                   self.fgfi_settings["fgfi_anchor_ratios"])
+            result = core(s_feats, t_feats, self._anchors[key], yolo_boxes(batch, H, W), (H, W),
                           names=(f"student layer {self.feats_idx[:n]}", f"teacher layer {self.teacher_feats_idx[:n]}"))
         core.step()
         self._student_feats.clear()
