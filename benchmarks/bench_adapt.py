@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import fgd
-from fgd.bench import _compiled, device_name, eager_imitation_loss, peak_memory, time_ms
-from fgd.testing import imitation_mask_at_density
+from fgd.bench import eager_imitation_loss
+from fgd.synthetic import imitation_mask_at_density
+from fgd.timing import compiled, device_name, peak_memory, time_ms
 
 
 def dense(loss):
@@ -48,7 +49,7 @@ def main(argv=None):
     b = torch.zeros(C).to(device).requires_grad_()
     impls = [("fgd masked_adapt_loss", sparse), ("dense conv2d + ReLU + fgd.imitation_loss", dense(fgd.imitation_loss))]
     if args.compile:
-        impls.append(("torch.compile(dense conv2d + ReLU + loss)", _compiled(dense(eager_imitation_loss), True)))
+        impls.append(("torch.compile(dense conv2d + ReLU + loss)", compiled(dense(eager_imitation_loss), True)))
 
     print(f"fgd {fgd.__version__} | torch {torch.__version__} | device: {device_name(device)}")
     print(f"student/teacher B {B}, C {C}, {H}x{W}; adapter {args.k}x{args.k} conv {C}->{C} + ReLU; "

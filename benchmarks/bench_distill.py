@@ -3,8 +3,8 @@
     python benchmarks/bench_distill.py [--pair demo|tiny|torchvision] [--size 256] [--batch 4]
 
 demo: the `fgd demo` models (fgd.models.build_detector: ResNet-34-FPN teacher -> ResNet-18-FPN
-student, 128-channel FPN); tiny: ResNet-34-FPN (128 ch) -> ResNet-18-FPN (64 ch)
-(fgd.testing.tiny_detector); torchvision: fasterrcnn_resnet50_fpn -> fasterrcnn_mobilenet_v3_large_fpn.
+student, 128-channel FPN); tiny: ResNet-34-FPN (128 ch) -> ResNet-18-FPN (64 ch) with small heads
+(the tests' tiny_detector); torchvision: fasterrcnn_resnet50_fpn -> fasterrcnn_mobilenet_v3_large_fpn.
 Random weights, random images with 1-8 boxes each. Times are medians of --repeat steps after warm-up.
 The distiller runs twice: adapters + loss at the masked locations only (masked_adapt_loss, the
 default) and dense (conv2d + imitation_loss, sparse_adaptation=False).
@@ -15,22 +15,23 @@ import copy
 import torch
 
 import fgd
-from fgd.bench import device_name, time_ms
 from fgd.distill import detector_levels
 from fgd.distill.torchvision import same_stride
-from fgd.testing import random_boxes, tiny_detector
+from fgd.models import build_detector
+from fgd.synthetic import random_boxes
+from fgd.timing import device_name, time_ms
 
 
 def build(pair, size, device):
     torch.manual_seed(0)
     if pair == "demo":
-        from fgd.models import build_detector
-
         teacher = build_detector("resnet34-fpn", 4, size)
         student = build_detector("resnet18-fpn", 4, size)
-    elif pair == "tiny":
-        teacher = tiny_detector("fasterrcnn", depth=34, out_channels=128, image_size=size)
-        student = tiny_detector("fasterrcnn", depth=18, out_channels=64, image_size=size)
+    elif pair == "tiny":  # FPN on layer2-4 plus a pool level, anchors 8 px at stride 8, doubling
+        small = dict(detector="fasterrcnn", anchor_sizes=(8, 16, 32), box_head=128, rois_per_image=64,
+                     rpn_samples=64, layers=(2, 3, 4))
+        teacher = build_detector("resnet34-fpn", 4, size, fpn_channels=128, **small)
+        student = build_detector("resnet18-fpn", 4, size, fpn_channels=64, **small)
     else:
         from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
 

@@ -9,8 +9,8 @@ import time
 import torch
 
 import fgd
-from fgd.bench import device_name
-from fgd.testing import fgfi_like_mask, grid_anchors, random_boxes, random_gt_batch
+from fgd.synthetic import fgfi_like_mask, grid_anchors, random_boxes, random_gt_batch
+from fgd.timing import device_name
 
 g = torch.Generator().manual_seed(0)
 

@@ -67,7 +67,7 @@ def main(argv=None):
 
     from fgd.data import make_shapes_dataset
     from fgd.data.yolo import coco_to_yolo
-    from fgd.bench import cpu_model
+    from fgd.timing import cpu_model
     from fgd.integrations.ultralytics import FGFITrainer
 
     out = Path(args.out)

@@ -4,7 +4,7 @@
 # bench_adapt, then bench_threads and tests/test_isa.py (parity on every other path, vector code).
 # Uses the fgd importable from here (build it first). Everything goes to
 # ${OUT:-/tmp/fgd-cpu}/cpu_checks.txt; it belongs in benchmarks/RESULTS.md with the CPU and date.
-#   bash benchmarks/run_cpu_checks.sh            # full (about 25 min on a 2-core machine)
+#   bash benchmarks/run_cpu_checks.sh            # full (long: its run time is in RESULTS.md)
 #   QUICK=1 bash benchmarks/run_cpu_checks.sh    # tiny sizes, no torch.compile: a smoke run
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -14,8 +14,8 @@ namespace {
 
 // Locations per chunk: the [Cs*k*k, n] chunk buffer holds at most 2^23 elements and no more than
 // one feature map, so it never outweighs the adapted map the dense path holds, whatever the size.
-// The chunks are of equal size: a small last chunk runs its products at a lower rate (2520
-// locations as 1820 + 700: 127 GFLOP/s on an AVX-512 EPYC, where large products reach 170).
+// The chunks are of equal size: a small last chunk runs its products at a lower rate
+// (benchmarks/RESULTS.md, "CPU kernels on an AVX-512 machine").
 int64_t chunk_rows(const AdaptShape& a, int64_t K, int64_t N) {
   const int64_t map = a.B * a.H * a.W * std::max(a.Cs, a.Ct);
   const int64_t budget = std::min<int64_t>(int64_t(1) << 23, map);

@@ -7,16 +7,13 @@ against torch.compile of that same composition, timed in one run on one device.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 import fgd
-from fgd.testing import fgfi_like_mask, grid_anchors, random_boxes, random_gt_batch
+from fgd.synthetic import fgfi_like_mask, grid_anchors, random_boxes, random_gt_batch
+from fgd.timing import compiled, device_name, time_ms
 
 
 # ---- the compositions fgd replaces -------------------------------------------------------------
@@ -57,54 +54,6 @@ def eager_imitation_loss(student, teacher, mask):
     return ((student - teacher).pow(2).sum(dim=1) * m).sum() / (2 * n_pos.clamp_min(1))
 
 
-# ---- timing ------------------------------------------------------------------------------------
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device, repeat: int, warmup: int = 3) -> float:
-    """Median wall time of fn() in milliseconds, the device synchronised around each call."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_memory(fn: Callable[[], object], device) -> tuple:
-    """(peak bytes allocated above the level at the call, largest single allocation or None) of fn().
-
-    CUDA: the caching allocator's peak statistic. CPU: the profiler's allocation events replayed in
-    time order (what fn allocated through PyTorch; BLAS scratch outside it is not seen).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - start, None
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    level = peak = largest = 0
-    for e in events:  # nbytes < 0 for a free
-        level += e.nbytes()
-        peak, largest = max(peak, level), max(largest, e.nbytes())
-    return peak, largest
-
-
 FLOOR = "memory floor"
 
 
@@ -125,13 +74,6 @@ class Row:
         if self.is_floor:  # a bound, not a competitor: fgd can only approach it
             return f"(fgd = {self.fgd_ms / self.ms:.2f}x this)"
         return "1.00x" if self.impl == "fgd" else f"{self.ms / self.fgd_ms:.2f}x"
-
-
-def _compiled(fn, enabled):
-    if not enabled:
-        return None
-    torch._dynamo.reset()
-    return torch.compile(fn)
 
 
 def fwd_bwd(loss_fn, student, teacher, mask):
@@ -173,7 +115,7 @@ def run(device="cpu", quick=False, compile=True, repeat=None, density=0.15):
     n, m = w["iou"]
     b1 = random_boxes(n, (800, 1333), generator=gen).to(device)
     b2 = random_boxes(m, (800, 1333), generator=gen).to(device)
-    comp = _compiled(eager_box_iou, compile)
+    comp = compiled(eager_box_iou, compile)
     import torchvision
 
     add("box_iou", f"{n}x{m}", [
@@ -189,7 +131,7 @@ def run(device="cpu", quick=False, compile=True, repeat=None, density=0.15):
         gt, _ = random_gt_batch(B, G, image, gen, min_size=16, max_size=min(image) / 2)
         gt, counts = gt.to(device), torch.full((B,), G, device=device)
         K = len(sizes) * len(ratios)
-        comp = _compiled(eager_imitation_mask, compile)
+        comp = compiled(eager_imitation_mask, compile)
         workload = f"{name}: B {B}, {feat[0]}x{feat[1]}, K {K}, G {G}"
         add("imitation_mask", workload, [
             ("fgd", time_ms(lambda: fgd.imitation_mask(anchors, gt, counts, feat), device, repeat)),
@@ -203,7 +145,7 @@ def run(device="cpu", quick=False, compile=True, repeat=None, density=0.15):
     teacher = torch.randn(B, C, H, W, generator=gen).to(device)
     mask = fgfi_like_mask(B, (H, W), density, gen).to(device)
     out = torch.empty_like(teacher)
-    comp = _compiled(eager_imitation_loss, compile)
+    comp = compiled(eager_imitation_loss, compile)
     workload = f"B {B}, C {C}, {H}x{W}, {mask.float().mean().item():.0%} masked, fwd+bwd"
     add("imitation_loss", workload, [
         ("fgd", time_ms(fwd_bwd(fgd.imitation_loss, student, teacher, mask), device, repeat)),
@@ -213,25 +155,6 @@ def run(device="cpu", quick=False, compile=True, repeat=None, density=0.15):
          time_ms(lambda: torch.sub(student.detach(), teacher, out=out), device, repeat)),
     ])
     return rows
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return (f"CPU ({cpu_model()}, {torch.get_num_threads()} threads), fgd CPU path "
-            f"{fgd.cpu_capability()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
 def format_table(rows) -> str:

@@ -38,8 +38,22 @@ _NOT_IDENTITY = frozenset({"output_dir", "resume", "allow_changes", "progress", 
                            "val_images"})
 
 
+# TrainConfig keys added after runs were first saved, with the value every earlier run had: a saved
+# config without the key takes that value, and the key enters the run id only when it differs from
+# it, so the ids (and checkpoints) of earlier runs stay theirs. Every key added from now on goes here.
+LEGACY_VALUES = {"method": "fgfi", "adapter_relu": False, "offset": 0.0}
+
+
+def with_legacy_values(saved: dict) -> dict:
+    """A config saved by an earlier fgd, completed with the values it had for keys added since."""
+    return {**LEGACY_VALUES, **saved}
+
+
 def run_identity(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+    """The settings that define what a run computes; a key added since runs were first saved counts
+    only when it differs from the value earlier runs had (LEGACY_VALUES), so their ids stay."""
+    return {k: v for k, v in config.items()
+            if k not in _NOT_IDENTITY and not (k in LEGACY_VALUES and v == LEGACY_VALUES[k])}
 
 
 def run_id(config: dict) -> str:
@@ -151,6 +165,7 @@ def load_latest(folder: Path, run: Optional[str] = None):
 
 
 def _differences(old: dict, new: dict) -> dict:
+    old, new = with_legacy_values(old), with_legacy_values(new)
     keys = sorted(set(run_identity(old)) | set(run_identity(new)))
     return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 

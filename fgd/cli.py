@@ -76,10 +76,10 @@ def _check_writable(path: Path, prog: str) -> None:
 def _check_classes(model, class_names, json_path):
     """Label i of the model must be category i of the file (categories in id order): otherwise every
     detection is scored as another class and the mAP is wrong without a word."""
-    from .data.coco import _class_names, _load_json
+    from .data.coco import coco_class_names, load_coco_json
 
     try:
-        names = _class_names(_load_json(json_path))
+        names = coco_class_names(load_coco_json(json_path))
     except ValueError as e:
         raise SystemExit(f"fgd eval: {e}")
     if class_names is not None:
@@ -143,6 +143,7 @@ def cmd_eval(args):
 def cmd_viz(args):
     import tempfile
 
+    from .distill import ImitationSettings
     from .models import build_detector, load_detector
     from .viz import write_pictures
 
@@ -164,8 +165,9 @@ def cmd_viz(args):
     ds = _dataset_for_eval(args, "fgd viz", class_names, None)
     if model is None:
         model = build_detector(args.arch, ds.num_classes, args.image_size)
-    paths = write_pictures(model, ds, range(min(args.num, len(ds))), out, mask_mode=args.mask_mode,
-                           level_policy=args.level_policy, thresh=args.thresh, detections=args.detections)
+    settings = ImitationSettings().updated("settings", mask_mode=args.mask_mode, level_policy=args.level_policy,
+                                           thresh=args.thresh)
+    paths = write_pictures(model, ds, range(min(args.num, len(ds))), out, settings, detections=args.detections)
     print(f"fgd viz: wrote {len(paths)} images to {out}")
 
 
@@ -279,11 +281,11 @@ def main(argv=None):
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .checkpoint import RunError
-    from .config import ConfigError
+    from .distill import SettingsError
 
     try:
         return args.func(args) or 0
-    except (RunError, ConfigError) as e:  # a reason the user can act on: one line, no traceback
+    except (RunError, SettingsError) as e:  # a reason the user can act on (ConfigError is one): one line
         raise SystemExit(f"fgd {args.command}: {e}") from None
 
 

@@ -12,13 +12,20 @@ import typing
 from dataclasses import dataclass
 from typing import Optional
 
+from .distill import settings as imitation
+from .distill.settings import ImitationSettings, SettingsError
 
-class ConfigError(ValueError):
+
+class ConfigError(SettingsError):
     """A setting that is not allowed: one line naming the key, its value and what is allowed."""
 
 
 class ConfigTypeError(ConfigError, TypeError):
     """A setting of the wrong type."""
+
+
+# The method's settings under their `fgd train` names (key -> path in ImitationSettings).
+IMITATION_KEYS = imitation.door_keys("config")
 
 
 # What each numeric setting allows beyond its type (None passes wherever the type is Optional).
@@ -27,27 +34,28 @@ _RANGES = {
                                                "keep_checkpoints", "student_fpn_channels", "teacher_fpn_channels",
                                                "teacher_iterations", "threads", "rois_per_image", "roi_sampling",
                                                "seeds", "train_images", "val_images")},
-    **{k: (lambda v: v >= 0, ">= 0") for k in ("weight_decay", "lr_warmup_iters", "imitation_weight",
-                                               "imitation_warmup", "num_workers")},
+    **{k: (lambda v: v >= 0, ">= 0") for k in ("weight_decay", "lr_warmup_iters", "num_workers")},
     # below 33 a batch of one square image, padded to 32 by torchvision, reaches the stride-32 stage
-    # as 1x1: BatchNorm cannot train on one value per channel (tried: 32 fails, 33 trains)
+    # as 1x1: BatchNorm cannot train on one value per channel
     "image_size": (lambda v: v >= 33, ">= 33"),
     "lr": (lambda v: v > 0, "> 0"),
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     # clip_grad_norm_ scales by max / norm: a negative max reverses every gradient (training climbs
     # the loss) and 0 zeroes them; null turns clipping off
     "grad_clip": (lambda v: v > 0, "> 0 (or null: no clipping)"),
-    "thresh": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
 }
 
 
-def _check_settings(cls, values: dict) -> None:
+def _check_settings(cls, values: dict, skip=()) -> None:
     """TypeError / ValueError naming the setting, its value and what it allows. Flags, YAML and JSON
-    all pass here, so "false" or 1 is no bool, 2.5 no count and "abc" no learning rate."""
+    all pass here, so "false" or 1 is no bool, 2.5 no count and "abc" no learning rate. ``skip``:
+    keys checked elsewhere (the method's settings: ImitationSettings checks them)."""
     hints = typing.get_type_hints(cls)
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     for name, value in values.items():
+        if name in skip:
+            continue
         optional = type(None) in typing.get_args(hints[name])
         if value is None and optional:
             continue
@@ -55,14 +63,8 @@ def _check_settings(cls, values: dict) -> None:
         # bool is an int to Python, and an int is a fine float
         ok = isinstance(value, (int, float) if kind is float else kind)
         if not ok or (kind is not bool and isinstance(value, bool)):
-            tip = ""
-            if kind is float and isinstance(value, str):
-                try:  # PyYAML reads 1e-3 as text: YAML 1.1 wants a dot in a float
-                    tip = f"; in YAML write {float(value)!r}"
-                except ValueError:
-                    pass
             raise ConfigTypeError(f"config: {name} must be {words[kind]}{' or null' if optional else ''}, "
-                            f"got {value!r} ({type(value).__name__}){tip}")
+                                  f"got {value!r} ({type(value).__name__}){imitation.yaml_tip(kind, value)}")
         if kind is float and not math.isfinite(value):
             raise ConfigError(f"config: {name} must be a finite number, got {value!r}")
         test, allowed = _RANGES.get(name, (None, None)) if kind in (int, float) else (None, None)
@@ -70,18 +72,42 @@ def _check_settings(cls, values: dict) -> None:
             raise ConfigError(f"config: {name} must be {allowed}, got {value!r}")
 
 
-def _from_dict(cls, d: dict):
+def _from_dict(cls, d: dict, skip=()):
     """``cls(**d)`` for settings read from a file or flags: unknown keys and bad types or ranges are
     refused here, before anything else runs."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names, key=str)
     if unknown:
         raise ConfigError(f"config: unknown keys {unknown}; known: {sorted(names)}")
-    _check_settings(cls, d)
+    _check_settings(cls, d, skip)
     return cls(**d)
 
 
+def _flatten_imitation(d: dict) -> dict:
+    """A nested ``imitation:`` block (ImitationSettings.to_dict's form: ``imitation_weight``,
+    ``warmup_iters``, ``params: {thresh: ...}``, ...) as the flat keys of `fgd train`."""
+    d = dict(d)
+    block = imitation.flatten(d.pop("imitation"), "config: imitation")
+    flat = {imitation.NAMES[path]["config"]: v for path, v in block.items()}
+    twice = sorted(set(flat) & set(d))
+    if twice:
+        raise ConfigError(f"config: {twice} given both flat and in the imitation block; give each once")
+    return {**d, **flat}
+
+
+def _imitation_fields(cls):
+    """Adds the method's settings to ``cls`` as flat fields named as `fgd train` names them, with
+    that door's defaults and docs (fgd.distill.settings: declared there, once)."""
+    for key, path in IMITATION_KEYS.items():
+        owner, name = imitation.field_of(path)
+        cls.__annotations__[key] = typing.get_type_hints(owner)[name]
+        setattr(cls, key, dataclasses.field(default=imitation.door_default("config", path),
+                                            metadata={"help": imitation.doc(path)}))
+    return cls
+
+
 @dataclass
+@_imitation_fields
 class TrainConfig:
     """Everything a run depends on; saved as config.json beside its checkpoints."""
 
@@ -121,14 +147,8 @@ class TrainConfig:
     lr_warmup_iters: int = 50
     lr_schedule: str = "cosine"               # or "step": x0.1 at 2/3 and 8/9 of the run
     grad_clip: Optional[float] = 10.0         # max global gradient norm (None: no clipping)
-    # imitation (official: lambda 0.01, psi 0.5, warm-up 400)
-    imitation_weight: float = 0.01
-    thresh: float = 0.5
-    imitation_warmup: Optional[int] = None    # None: min(400, iterations // 10)
-    level_policy: str = "assigned"
-    mask_mode: str = "fgfi"
-    adapter: str = "3x3"
-    sparse_adaptation: bool = True            # adapter + loss at masked locations only (same values)
+    # imitation: the fields of ImitationSettings (imitation_weight, thresh, imitation_warmup, mask_mode,
+    # ...), added by _imitation_fields; TrainConfig.imitation gives them as one ImitationSettings
     # running
     amp: Optional[str] = None                 # "bf16" or "fp16"
     checkpoint_every: int = 200
@@ -142,17 +162,25 @@ class TrainConfig:
     allow_changes: Optional[str] = None       # with resume: settings that may differ from the checkpoint's run
     progress: bool = True
 
+    @property
+    def imitation(self) -> ImitationSettings:
+        """The method's settings, checked (SettingsError naming the key otherwise)."""
+        return imitation.from_door({k: getattr(self, k) for k in IMITATION_KEYS}, "config")
+
     def resolved_imitation_warmup(self) -> int:
-        if self.imitation_warmup is not None:
-            return self.imitation_warmup
-        return min(400, self.iterations // 10)
+        return self.imitation.warmup_for(self.iterations)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return _from_dict(cls, d)
+        """The method's settings may come as flat keys or as a nested ``imitation:`` block."""
+        cfg = _from_dict(cls, _flatten_imitation(d) if "imitation" in d else d, skip=IMITATION_KEYS)
+        cfg.imitation  # noqa: B018  (checks the method's settings)
+        return cfg
 
     def check(self):
-        _check_settings(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        _check_settings(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                        skip=IMITATION_KEYS)
+        self.imitation  # noqa: B018  (checks the method's settings)
         if bool(self.train_json) == bool(self.train_voc):
             raise ConfigError("config: give the training annotations as train_json (COCO) or train_voc "
                               "(Pascal VOC), one of them")
@@ -173,11 +201,9 @@ class TrainConfig:
             raise ConfigError(f"config: optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.lr_schedule not in ("cosine", "step"):
             raise ConfigError(f"config: lr_schedule must be cosine or step, got {self.lr_schedule!r}")
-        from .distill import ADAPTERS, LEVEL_POLICIES, MASK_MODES
         from .models import ARCHS, DETECTORS
 
-        for name, allowed in (("student_arch", ARCHS), ("detector", DETECTORS), ("level_policy", LEVEL_POLICIES),
-                              ("mask_mode", MASK_MODES), ("adapter", ADAPTERS)):
+        for name, allowed in (("student_arch", ARCHS), ("detector", DETECTORS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.teacher_arch is not None and self.teacher_arch not in ARCHS:

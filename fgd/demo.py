@@ -23,29 +23,28 @@ from .config import DemoConfig, TrainConfig
 
 log = logging.getLogger("fgd")
 
-# Sized for about six minutes on a 2-core CPU (the README's demo table says what was measured): the
+# Sized for a few minutes on a 2-core CPU (the README's demo section has the measured time): the
 # teacher gets most of the budget, since FGFI can only pass on what the teacher has learnt. The
 # student is ResNet-18 at half width (a quarter of the teacher's backbone work).
 DEFAULT = dict(train_images=1000, val_images=200, image_size=128, batch_size=8, iterations=250,
                teacher_iterations=520, teacher_arch="resnet18-fpn", student_arch="resnet18-slim-fpn")
 # The tree tiles: as many images as deepforest's data gives (train_images / val_images unused), of
-# 200 px, so each step costs about 2.4 times a shapes step: fewer of them.
+# 200 px, so each step costs more than a shapes step (README, "Real data"): fewer of them.
 TREES = dict(DEFAULT, image_size=200, teacher_iterations=300, iterations=150)
 QUICK = dict(train_images=24, val_images=12, image_size=64, batch_size=4, iterations=6,
              teacher_iterations=8, teacher_arch="resnet18-fpn", student_arch="resnet18-slim-fpn")
-# How every run of the demo trains, beyond the sizes (TrainConfig fields). AdamW converges from
-# random initialisation in a few hundred steps where SGD needed thousands; above lr 2e-3 (or at
-# batch 4) the teacher diverged. 64 RoIs per image with one RoIAlign sample per bin: torchvision's
-# CPU RoIAlign backward took a quarter of a step with 128 RoIs and 2 x 2 samples.
+# How every run of the demo trains, beyond the sizes (TrainConfig fields); the README's "The recipe,
+# and why" has the runs behind each choice. AdamW, because it converges from random initialisation
+# within the demo's budget where SGD did not; lr 2e-3 at batch 8, as higher rates or smaller
+# batches diverged. 64 RoIs per image with one RoIAlign sample per bin, because torchvision's CPU
+# RoIAlign backward is a large share of a step with more.
 RECIPE = dict(optimizer="adamw", lr=0.002, weight_decay=1e-4, rois_per_image=64, roi_sampling=1)
-# BatchNorm in the teacher's FPN: without it the teacher stalled on seed 2 (AP 16.2 after 520
-# iterations; 53.3 with it). Not in the student's: there it cut FGFI's gain (seed 0, lambda 0.01:
-# 46 % of the gap closed, against 54 % with the student's plain FPN).
+# BatchNorm in the teacher's FPN: without it the teacher stalled on one seed. Not in the
+# student's: there it cut FGFI's gain (README, "The recipe, and why").
 TEACHER = dict(student_fpn_channels=128, fpn_norm=True)
 STUDENT = dict(student_fpn_channels=64)
-# lambda follows the scale of the teacher's features: the normalised FPN gives an imitation loss ten
-# times smaller than the plain one the official 0.01 was set for (seed 0: AP 35.2 at 0.01, 42.1 at
-# 0.1, 40.3 at 0.2).
+# lambda follows the scale of the teacher's features: the normalised FPN gives a much smaller
+# imitation loss than the plain one the official 0.01 was set for (README: the lambdas tried).
 DISTILLED = dict(imitation_weight=0.1)
 
 # The rows: key -> (label, the student's imitation settings or None for a plain run).
@@ -54,8 +53,10 @@ IMITATION = {"fgfi": ("student + FGFI", "fgfi"), "full": ("student + full-map im
 
 
 def _same_config(run_dir: Path, cfg: TrainConfig) -> bool:
+    from .checkpoint import with_legacy_values
+
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = with_legacy_values(json.loads((run_dir / "config.json").read_text()))
     except (OSError, ValueError):
         return False
     want = dataclasses.asdict(cfg)
@@ -209,5 +210,4 @@ def _mask_pictures(cfg: TrainConfig, folder: Path, n: int) -> list:
     ds = make_dataset(cfg, "val")
     student, _, class_names = load_detector(Path(cfg.output_dir) / "final.pt")
     picked = [i for i in range(len(ds)) if len(ds[i][1]["boxes"]) > 0][:n]
-    return write_pictures(student, ds, picked, folder, mask_mode=cfg.mask_mode, level_policy=cfg.level_policy,
-                          thresh=cfg.thresh, detections=True, title="FGFI masks")
+    return write_pictures(student, ds, picked, folder, cfg.imitation, detections=True, title="FGFI masks")

@@ -1,6 +1,7 @@
 """The training loop of the `fgd` application, read top to bottom as torchvision's
-references/detection reads: ``train_one_epoch`` runs the steps of one epoch, ``train`` is the main
-(set up, resume, the epochs, the final weights, the evaluation). Settings live in ``fgd.config``,
+references/detection reads: ``train_one_epoch`` runs the steps of one epoch, ``run`` one training
+(set up, resume, the epochs, the final weights, the evaluation), and ``train`` is the main: the
+teacher first when it is trained from scratch (``train_teacher``), then the run. Settings live in ``fgd.config``,
 checkpoints in ``fgd.checkpoint``, models in ``fgd.models``, evaluation in ``fgd.evaluate``.
 
 Resuming reproduces an uninterrupted run exactly on the CPU (fixed thread count): the data order
@@ -9,7 +10,6 @@ a checkpoint holds every RNG state at an iteration boundary.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -31,6 +31,7 @@ from .checkpoint import (RunError, TrainState, checkpoint_to_resume, checkpoints
 from .config import ConfigError, TrainConfig  # noqa: F401  (TrainConfig: imported from here by users)
 from .distill import Distiller
 from .models import build_detector, load_detector
+from .runlog import RunLog, imitation_columns
 
 log = logging.getLogger("fgd")
 
@@ -129,44 +130,51 @@ def build_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
                           roi_sampling=cfg.roi_sampling, fpn_norm=cfg.fpn_norm)
 
 
-def _teacher(cfg: TrainConfig, dist: Dist) -> nn.Module:
+def teacher_config(cfg: TrainConfig) -> TrainConfig:
+    """The run that trains ``cfg``'s teacher from scratch: in output_dir/teacher, without validation."""
+    return dataclasses.replace(
+        cfg, distill=False, teacher_arch=None, teacher_checkpoint=None, student_arch=cfg.teacher_arch,
+        student_fpn_channels=cfg.teacher_fpn_channels, iterations=cfg.teacher_iterations or cfg.iterations,
+        output_dir=str(Path(cfg.output_dir) / "teacher"), val_json=None, val_voc=None, val_images=None,
+        val_split_file=None, allow_changes=None)
+
+
+def train_teacher(cfg: TrainConfig) -> Optional[nn.Module]:
+    """The teacher ``cfg`` distils from, or None when it does not distil: its checkpoint, or, without
+    one, a teacher trained from scratch by a run of its own (``teacher_config``), reused when that run
+    (same settings) finished, resumed when it was killed."""
+    if not cfg.distill:
+        return None
     if cfg.teacher_checkpoint:
         teacher, c, _ = load_detector(cfg.teacher_checkpoint)
         if c["image_size"] != cfg.image_size:
             raise RunError(f"teacher checkpoint {cfg.teacher_checkpoint} was trained at image_size "
                            f"{c['image_size']}, this run uses {cfg.image_size}: the two transforms must match")
         return teacher
-    # from scratch: a run of its own, in output_dir/teacher, reused if that run (same settings) finished
-    tcfg = dataclasses.replace(
-        cfg, distill=False, teacher_arch=None, teacher_checkpoint=None, student_arch=cfg.teacher_arch,
-        student_fpn_channels=cfg.teacher_fpn_channels, iterations=cfg.teacher_iterations or cfg.iterations,
-        output_dir=str(Path(cfg.output_dir) / "teacher"), val_json=None, val_voc=None, val_images=None,
-        val_split_file=None, allow_changes=None)
+    tcfg = teacher_config(cfg)
+    tid = run_id(dataclasses.asdict(tcfg))
     final = Path(tcfg.output_dir) / "final.pt"
-    if not (final.exists() and load_checkpoint(final).get("run_id") == run_id(dataclasses.asdict(tcfg))):
-        # resume this teacher's own run if it was killed; another teacher's checkpoints are set aside
-        own = bool(checkpoints(Path(tcfg.output_dir) / "checkpoints", run_id(dataclasses.asdict(tcfg))))
-        if dist.main:
-            log.info("training the teacher (%s) from scratch for %d iterations in %s",
-                     tcfg.student_arch, tcfg.iterations, tcfg.output_dir)
-        train(dataclasses.replace(tcfg, resume=own))
-    teacher, _, _ = load_detector(final)
-    return teacher
+    if final.exists() and load_checkpoint(final).get("run_id") == tid:
+        return load_detector(final)[0]
+    # resume this teacher's own run if it was killed; another teacher's checkpoints are set aside
+    own = bool(checkpoints(Path(tcfg.output_dir) / "checkpoints", tid))
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("training the teacher (%s) from scratch for %d iterations in %s",
+                 tcfg.student_arch, tcfg.iterations, tcfg.output_dir)
+    return run(dataclasses.replace(tcfg, resume=own))["model"]
 
 
-def build_model(cfg: TrainConfig, num_classes: int, dist: Dist) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, teacher: Optional[nn.Module]) -> nn.Module:
     """The student alone, or the student inside a Distiller around its (frozen) teacher."""
     student = build_student(cfg, num_classes)
     if not cfg.distill:
         return student
-    return Distiller(_teacher(cfg, dist), student, imitation_weight=cfg.imitation_weight, thresh=cfg.thresh,
-                     warmup_iters=cfg.resolved_imitation_warmup(), level_policy=cfg.level_policy,
-                     mask_mode=cfg.mask_mode, adapter=cfg.adapter, sparse_adaptation=cfg.sparse_adaptation)
+    return Distiller(teacher, student, cfg.imitation, total_iterations=cfg.iterations)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
 
-def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, dist: Dist, logger: "_Logger", bar,
+def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, dist: Dist, runlog: RunLog,
                     checkpoint: Callable[[bool], None]) -> None:
     """The steps of epoch ``state.epoch`` from batch ``state.position`` on, until the epoch or the
     run (``cfg.iterations``) ends. ``checkpoint(end_of_epoch)`` is called every
@@ -180,7 +188,8 @@ def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, dist: Dist, log
         images = [im.to(dist.device, non_blocking=True) for im in images]
         targets = [{k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            losses = model(images, targets)
+            # a Distiller hands back the step's ImitationResult beside the losses (for the log)
+            losses, result = model(images, targets, with_result=True) if cfg.distill else (model(images, targets), None)
         loss = sum(losses.values())
         # fp16: the GradScaler skips overflowing steps; otherwise a non-finite loss is divergence
         if cfg.amp != "fp16" and not torch.isfinite(loss):
@@ -204,11 +213,10 @@ def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, dist: Dist, log
             now = time.perf_counter()
             ips = n_last / max(now - t_last, 1e-9)
             t_last, n_last = now, 0
-            logger.log(it, losses, loss, opt.param_groups[0]["lr"], ips, _unwrap(model))
-            if bar is not None:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{ips:.1f}")
-        if bar is not None:
-            bar.update(1)
+            row = {"iteration": it, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"], "images_per_s": ips,
+                   **{k: float(v.detach()) for k, v in losses.items()}, **imitation_columns(result)}
+            runlog.log(row, shown={"loss": f"{row['loss']:.3f}", "img_s": f"{ips:.1f}"})
+        runlog.advance()
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             checkpoint(state.position >= batches)
         if it >= cfg.iterations:
@@ -216,8 +224,19 @@ def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, dist: Dist, log
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) one training; returns {"final": path, "metrics": dict or None}."""
+    """Trains ``cfg``'s teacher when it needs one from scratch (``train_teacher``), then runs (or
+    resumes) ``cfg`` itself (``run``); returns {"final": path, "metrics": dict or None, "model": the
+    trained student}."""
     cfg.check()
+    return run(cfg, train_teacher(cfg))
+
+
+def run(cfg: TrainConfig, teacher: Optional[nn.Module] = None) -> dict:
+    """Runs (or resumes) one training, distilling from ``teacher`` when ``cfg.distill``; returns
+    {"final": path, "metrics": dict or None, "model": the trained student}."""
+    cfg.check()
+    if cfg.distill and teacher is None:
+        raise ValueError("run: a distilled run needs its teacher (train_teacher(cfg) gives it)")
     dist = setup_distributed()
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -239,7 +258,7 @@ def train(cfg: TrainConfig) -> dict:
 
     ds = make_dataset(cfg, "train", train=True)
     sampler, loader = make_loader(ds, cfg, dist, train=True)
-    model = build_model(cfg, ds.num_classes, dist).to(dist.device)
+    model = build_model(cfg, ds.num_classes, teacher).to(dist.device)
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(cfg, it)),
                        torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16"))
@@ -262,8 +281,8 @@ def train(cfg: TrainConfig) -> dict:
             print(f"{out.name}: imitation warm-up = {cfg.resolved_imitation_warmup()} of {cfg.iterations} "
                   f"iterations; lambda = {cfg.imitation_weight}, psi = {cfg.thresh}, levels = "
                   f"{cfg.level_policy}, mask = {cfg.mask_mode}", flush=True)
-    logger = _Logger(out, state.iteration, dist.main, cfg)
-    bar = _progress(cfg, state.iteration, dist.main)
+    runlog = RunLog(out / "log.csv", key="iteration", start=state.iteration, total=cfg.iterations,
+                    progress=cfg.progress, tensorboard=out / "tb", desc=out.name, main=dist.main)
     extra = {"num_classes": ds.num_classes, "class_names": ds.class_names}
 
     def checkpoint(end_of_epoch: bool):
@@ -280,12 +299,10 @@ def train(cfg: TrainConfig) -> dict:
         sampler.set_start(state.position * cfg.batch_size)  # resuming mid-epoch: skip the batches seen
         if hasattr(ds.transforms, "set_epoch"):
             ds.transforms.set_epoch(state.epoch)
-        train_one_epoch(state, loader, cfg, dist, logger, bar, checkpoint)
+        train_one_epoch(state, loader, cfg, dist, runlog, checkpoint)
         if state.iteration < cfg.iterations or state.position >= len(loader):
             state.epoch, state.position = state.epoch + 1, 0
-    if bar is not None:
-        bar.close()
-    logger.close()
+    runlog.close()
 
     student = _unwrap(state.model).student if cfg.distill else _unwrap(state.model)
     final = out / "final.pt"
@@ -303,61 +320,4 @@ def train(cfg: TrainConfig) -> dict:
                 {k: v for k, v in metrics.items() if k != "summary"}, indent=2))
     if dist.world > 1:
         torch.distributed.barrier()
-    return {"final": str(final), "metrics": metrics}
-
-
-def _progress(cfg, start, main):
-    if not (cfg.progress and main):
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=cfg.iterations, initial=start, desc=Path(cfg.output_dir).name, unit="it",
-                dynamic_ncols=True, mininterval=1.0)
-
-
-class _Logger:
-    """log.csv: one row per logged step (losses, per-level imitation losses and N_p, lr, img/s); rows
-    past a resumed iteration are dropped so a resumed log reads as one run. TensorBoard if installed."""
-
-    def __init__(self, out: Path, start_it: int, main: bool, cfg: TrainConfig):
-        self.main, self.path, self.rows = main, out / "log.csv", []
-        self.tb = None
-        if not main:
-            return
-        if self.path.exists():
-            with open(self.path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start_it]
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"))
-        except Exception:  # tensorboard not installed: the CSV is enough
-            self.tb = None
-
-    def log(self, it, losses, loss, lr, ips, model):
-        if not self.main:
-            return
-        row = {"iteration": it, "loss": float(loss.detach()), "lr": lr, "images_per_s": ips}
-        row.update({k: float(v.detach()) for k, v in losses.items()})
-        if isinstance(model, Distiller):
-            for i, (l, n) in enumerate(zip(model.last_level_losses, model.last_num_pos)):
-                row[f"imitation_l{i}"] = float(l)
-                row[f"num_pos_l{i}"] = float(n)
-        self.rows.append(row)
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "iteration":
-                    self.tb.add_scalar(k, float(v), it)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
+    return {"final": str(final), "metrics": metrics, "model": student}

@@ -200,13 +200,14 @@ def plot_map_table(rows: dict, path, metrics=("AP", "AP50", "AP75")) -> Path:
 # ---- imitation masks of a detector ----------------------------------------------------------
 
 @torch.no_grad()
-def sample_masks(model, images, targets, *, mask_mode="fgfi", level_policy="assigned", thresh=0.5):
+def sample_masks(model, images, targets, settings=None):
     """(display images [B, 3, H, W] in [0, 1] at the padded model resolution, masks per level
-    [B, h, w], GT boxes per image in that resolution) for a torchvision detector's anchors."""
+    [B, h, w], GT boxes per image in that resolution) for a torchvision detector's anchors, under
+    ``settings`` (an ImitationSettings; default the official ones)."""
     from .distill import detector_levels
 
     model.eval()
-    levels = detector_levels(model, images, targets, mask_mode=mask_mode, level_policy=level_policy, thresh=thresh)
+    levels = detector_levels(model, images, targets, settings)
     batch, masks, boxes = levels.batch, levels.masks, levels.boxes
     mean = torch.tensor(model.transform.image_mean, device=batch.device)[:, None, None]
     std = torch.tensor(model.transform.image_std, device=batch.device)[:, None, None]
@@ -214,8 +215,7 @@ def sample_masks(model, images, targets, *, mask_mode="fgfi", level_policy="assi
     return shown, masks, boxes
 
 
-def write_pictures(model, ds, indices, folder, *, mask_mode="fgfi", level_policy="assigned", thresh=0.5,
-                   detections=False, title=None) -> list:
+def write_pictures(model, ds, indices, folder, settings=None, *, detections=False, title=None) -> list:
     """For each dataset index: <id>_masks.png (the image and every level's mask, GT boxes drawn) and,
     with ``detections``, <id>_detections.png (the model's detections on the original image)."""
     folder = Path(folder)
@@ -223,8 +223,7 @@ def write_pictures(model, ds, indices, folder, *, mask_mode="fgfi", level_policy
     paths = []
     for i in indices:
         image, target = ds[i]
-        shown, masks, boxes = sample_masks(model, [image], [target], mask_mode=mask_mode,
-                                           level_policy=level_policy, thresh=thresh)
+        shown, masks, boxes = sample_masks(model, [image], [target], settings)
         name = f"{target['image_id']:06d}"
         paths.append(overlay_masks(shown[0], [m[0] for m in masks], folder / f"{name}_masks.png", boxes=boxes[0],
                                    labels=target["labels"], class_names=ds.class_names,

@@ -1,4 +1,4 @@
-"""Builds the CUDA kernels of csrc/cuda/*.cu for the CPU through the emulator (csrc/cuda/emu.h) and
+"""Builds the CUDA kernels of csrc/cuda/*.cu for the CPU through the emulator (csrc/emulator/) and
 loads them as torch.ops.fgd_emu.* beside fgd._C, for the tests in test_cuda_emu.py.
 
 The build uses the checkout's csrc/ (found from this file; FGD_EMU_CSRC points elsewhere, e.g. at a
@@ -34,7 +34,7 @@ def csrc_dir() -> Path:
 
 def sources(csrc: Path) -> list[Path]:
     """The emulated library: the shared schemas and checks, the device-generic driver, every .cu."""
-    return [csrc / "fgd.cpp", csrc / "masked_adapt.cpp", csrc / "cuda" / "emu_ops.cpp",
+    return [csrc / "fgd.cpp", csrc / "masked_adapt.cpp", csrc / "emulator" / "emu_ops.cpp",
             *sorted((csrc / "cuda").glob("*.cu"))]
 
 

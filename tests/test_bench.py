@@ -21,7 +21,7 @@ def test_benchmark_measures_every_op_against_a_baseline():
 def test_eager_baselines_compute_what_fgd_computes():
     """The baselines must be the same computation, or the ratios mean nothing."""
     import torch
-    from fgd.testing import fgfi_like_mask, grid_anchors, random_boxes, random_gt_batch
+    from fgd.synthetic import fgfi_like_mask, grid_anchors, random_boxes, random_gt_batch
 
     g = torch.Generator().manual_seed(1)
     b1, b2 = random_boxes(20, (100, 100), generator=g), random_boxes(30, (100, 100), generator=g)

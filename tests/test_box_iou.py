@@ -4,7 +4,7 @@ import torchvision
 
 import fgd
 from fgd import reference as ref
-from fgd.testing import random_boxes
+from fgd.synthetic import random_boxes
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}

@@ -1,7 +1,7 @@
 import torch
 
 import fgd
-from fgd.testing import grid_anchors, random_gt_batch
+from fgd.synthetic import grid_anchors, random_gt_batch
 
 
 def step(anchors, gt, counts, student, teacher):

@@ -1,6 +1,6 @@
 """The CUDA kernels' tests, on two backends:
 
-- ``emu``: csrc/cuda/*.cu compiled for the CPU through the CUDA emulator (csrc/cuda/emu.h; built from
+- ``emu``: csrc/cuda/*.cu compiled for the CPU through the CUDA emulator (csrc/emulator/; built from
   the checkout's csrc/ by emu_build.py and loaded as torch.ops.fgd_emu.*). Runs everywhere, CI too.
 - ``cuda``: the same cases on the real CUDA build (torch.ops.fgd.* on a GPU); skipped without one.
 
@@ -15,7 +15,7 @@ import torch
 
 import fgd
 from fgd import reference as ref
-from fgd.testing import fgfi_like_mask, grid_anchors, imitation_mask_at_density, random_boxes, random_gt_batch
+from fgd.synthetic import fgfi_like_mask, grid_anchors, imitation_mask_at_density, random_boxes, random_gt_batch
 
 from conftest import requires_cuda
 from test_imitation_mask import ambiguous

@@ -84,7 +84,7 @@ def test_shapes_speed_smoke(tmp_path):
 
     t0 = time.perf_counter()
     make_shapes_dataset(tmp_path, 100)
-    assert time.perf_counter() - t0 < 3  # 1000 take about 3 s on 2 CPU cores
+    assert time.perf_counter() - t0 < 3  # loose: catches a pathological slowdown (timing: RESULTS.md)
 
 
 # ---- CocoDetection on the shapes --------------------------------------------------------------

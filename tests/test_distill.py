@@ -9,7 +9,7 @@ from torch import nn
 
 import fgd
 from fgd.distill import assign_fpn_levels
-from fgd.testing import tiny_detector
+from helpers import tiny_detector
 
 
 def pair(kind="fasterrcnn", **kw):
@@ -358,7 +358,7 @@ def test_sparse_and_dense_adaptation_agree(monkeypatch, adapter, relu, mask_mode
 def test_dense_path_for_adapters_the_op_cannot_compute(monkeypatch):
     teacher, student, d = pair()
     d.adapters[0].conv = nn.Conv2d(64, 96, 3, padding=2, dilation=2)  # not a same-padded k x k conv
-    assert not fgd.distill._sparse_ok(d.adapters[0].conv) and fgd.distill._sparse_ok(d.adapters[1].conv)
+    assert not fgd.distill.masked_adapt_supports(d.adapters[0].conv) and fgd.distill.masked_adapt_supports(d.adapters[1].conv)
     images, targets = batch()
     d(images, targets)["loss_imitation"].backward()
     assert d.adapters[0].conv.weight.grad is not None and d.adapters[1].conv.weight.grad is not None

@@ -3,7 +3,7 @@ import torch
 
 import fgd
 from fgd import reference as ref
-from fgd.testing import fgfi_like_mask
+from fgd.synthetic import fgfi_like_mask
 
 # float16 features are rounded to float16 before the loss; the loss itself accumulates in float32.
 TOL = {torch.float16: dict(rtol=2e-3, atol=1e-3), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),

@@ -3,7 +3,7 @@ import torch
 
 import fgd
 from fgd import reference as ref
-from fgd.testing import grid_anchors, random_gt_batch
+from fgd.synthetic import grid_anchors, random_gt_batch
 
 REL = 1e-5  # decisions this close to thresh * M_g may go either way in float32
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import fgd
 from fgd import reference as ref
-from fgd.testing import fgfi_like_mask, imitation_mask_at_density
+from fgd.synthetic import fgfi_like_mask, imitation_mask_at_density
 
 TOL = {torch.float16: dict(rtol=2e-2, atol=2e-3), torch.bfloat16: dict(rtol=5e-2, atol=2e-2),
        torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-9, atol=1e-12)}
@@ -179,7 +179,7 @@ def test_non_finite_features_outside_the_neighbourhood_never_count(gen):
 def test_peak_memory_below_the_dense_map(gen):
     """At 15 % density no allocation of a forward + backward is as large as the adapted map, and the
     peak stays below the dense path's."""
-    from fgd.bench import peak_memory
+    from fgd.timing import peak_memory
 
     B, Cs, Ct, H, W = 2, 32, 128, 48, 48
     s, t, w, b = inputs(gen, B, Cs, Ct, H, W, 3)

@@ -1,6 +1,6 @@
 // Forward: one pass summing w * (s - t)^2; backward: one pass writing w * (s - t) * grad / N_p.
 // Both read the features only in the 16-element segments of each H*W plane where the mask has a
-// non-zero weight (a 15 % FGFI mask touches well under half of them), and within a segment they
+// non-zero weight (a sparse FGFI mask leaves most segments unread), and within a segment they
 // select on w != 0, so non-finite features at unmasked locations never reach the loss.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -58,9 +58,8 @@ Spans find_spans(const W* w, int64_t B, int64_t HW) {
 
 // Software prefetch for a walk over the spans of s and t: keeps kAheadLines cache lines requested
 // ahead of the loop. Hardware prefetchers lose a stream that skips segments, and the sparse walk
-// then waits on memory: on a 2-core AMD EPYC (AVX2) it read at half the speed of a dense walk until
-// this was added (a standalone C++ benchmark of these loops, interleaved medians of 150 runs:
-// forward 1.31 -> 1.02 ms, backward 2.11 -> 1.80 ms for the fgd-bench loss workload).
+// then waits on memory (measured before and after: benchmarks/RESULTS.md, "Against the targets of
+// #14, AVX2 path").
 template <typename S>
 struct SpanPrefetch {
   static constexpr int64_t kLine = 64 / sizeof(S), kAheadLines = 32;

@@ -18,7 +18,8 @@ namespace {
 
 constexpr int64_t kChunkAnchors = 256;
 // The least work (anchor-box pairs) worth a task of its own: smaller calls run on the calling
-// thread instead of paying for a parallel region (tens of microseconds on a 2-core machine).
+// thread instead of paying for a parallel region (benchmarks/RESULTS.md, "Threads: small calls pay
+// no parallel region").
 constexpr int64_t kMinPairsPerTask = 32768;
 inline int64_t grain(int64_t pairs_per_item) {
   return std::max<int64_t>(1, kMinPairsPerTask / std::max<int64_t>(pairs_per_item, 1));
@@ -26,8 +27,8 @@ inline int64_t grain(int64_t pairs_per_item) {
 
 // Locations per chunk: about kChunkAnchors anchors, and a whole number of kLanes-wide vectors of
 // them wherever that keeps the size within -50 % .. +25 %, so the vector loops of both passes run no
-// scalar remainder but in the last chunk (252 anchors for K = 9 left 12 scalar IoUs per chunk and
-// GT, which on AVX-512 cost about as much as the 15 vectors before them).
+// scalar remainder but in the last chunk (a remainder per chunk and GT cost about as much as the
+// vectors before it: benchmarks/RESULTS.md, "CPU kernels on an AVX-512 machine").
 inline int64_t chunk_locations(int64_t K) {
   const int64_t locs = std::max<int64_t>(1, kChunkAnchors / K);
   const int64_t step = kLanes / std::gcd<int64_t>(K, kLanes);  // locations per whole vector count

@@ -1,5 +1,5 @@
 // What every fgd CUDA file needs, for both of its builds: nvcc for the GPU, or a host compiler with
-// FGD_EMU defined, which runs the same kernels on the CPU through emu.h (tests/emu_build.py).
+// FGD_EMU defined, which runs the same kernels on the CPU through csrc/emulator/ (tests/emu_build.py).
 // Under nvcc only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cusparse.h, which not every
 // toolkit install has.
 #pragma once
@@ -11,49 +11,35 @@
 
 #include "../fgd.h"
 
-#if defined(FGD_EMU)
-#include "emu.h"
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 // FGD_LAUNCH(grid, block, stream, kernel<...>)(args...): `kernel<<<grid, block, 0, stream>>>(args...)`
 // under nvcc, the emulator's launcher otherwise. The kernel comes last, as __VA_ARGS__, because a
 // template argument list has commas. FGD_LAUNCH_CHECK() follows every launch.
 // FGD_CUDA_IMPL(m) registers a file's kernels: for CUDA tensors in fgd, or for CPU tensors in
 // fgd_emu (FGD_LIBRARY) when emulated.
+// fgd::Stream, current_stream(), DeviceGuard, max_grid_y() and max_blocks() are the stream, device
+// guard and launch limits of the build.
 #define FGD_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 #if defined(FGD_EMU)
-#define FGD_LAUNCH(grid, block, stream, ...) FGD_EMU_LAUNCH(grid, block, __VA_ARGS__)
-#define FGD_LAUNCH_CHECK() ((void)0)
-#define FGD_CUDA_IMPL(m) FGD_TORCH_LIBRARY_IMPL(FGD_LIBRARY, CPU, m)
+#include "../emulator/runtime.h"
 #else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
 #define FGD_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
 #define FGD_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #define FGD_CUDA_IMPL(m) FGD_TORCH_LIBRARY_IMPL(FGD_LIBRARY, CUDA, m)
-#endif
 
 namespace fgd {
-
-#if defined(FGD_EMU)
-using Stream = void*;
-inline Stream current_stream() { return nullptr; }
-// Emulated kernels run on the CPU tensors they are given.
-struct DeviceGuard {
-  explicit DeviceGuard(const c10::Device&) {}
-};
-// The emulator's limits, which the tests lower so that every grid-stride loop is really taken.
-inline int64_t max_grid_y() { return emu::config().max_grid_y; }
-inline int64_t max_blocks() { return emu::config().max_blocks; }
-#else
 using Stream = cudaStream_t;
 inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 inline int64_t max_grid_y() { return 65535; }  // the hardware limit of grid.y and grid.z
 inline int64_t max_blocks() { return 4096; }   // enough to fill any current GPU
+}  // namespace fgd
 #endif
+
+namespace fgd {
 
 constexpr int kThreads = 256;
 

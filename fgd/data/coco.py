@@ -1,6 +1,5 @@
-"""COCO-format detection data for torchvision detectors, plus the transforms and the sampler that
-keep training bit-identical across a resume: no random decision here draws from a global RNG; each
-is a pure function of (seed, epoch, index)."""
+"""COCO-format detection data for torchvision detectors: the reader (``CocoDetection``), the
+loading and checking of a COCO json, and ``collate_fn``, which batches the reader's samples."""
 from __future__ import annotations
 
 import collections
@@ -17,20 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .voc import voc_to_coco
-
-__all__ = ["CocoDetection", "VocDetection", "collate_fn", "Compose", "RandomHorizontalFlip", "ResumableSampler"]
+__all__ = ["CocoDetection", "collate_fn", "load_coco_json", "coco_class_names"]
 
 log = logging.getLogger("fgd.data")
 
-
-def _mix(*values: int) -> int:
-    """A well-mixed 64-bit integer from a few integers (negative ones wrap), for seeding."""
-    state = np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(2, np.uint32)
-    return int(state[0]) << 32 | int(state[1])
-
-
-# ---- the data set -----------------------------------------------------------------------------
 
 class CocoDetection(torch.utils.data.Dataset):
     """Images and boxes of a COCO json, as torchvision detectors take them.
@@ -61,7 +50,7 @@ class CocoDetection(torch.utils.data.Dataset):
             data = _check_coco(copy.deepcopy(ann_file), self.ann_file)
         else:
             self.ann_file = str(ann_file) if name is None else str(name)
-            data = _load_json(str(ann_file))
+            data = load_coco_json(str(ann_file))
 
         from pycocotools.coco import COCO
 
@@ -73,7 +62,7 @@ class CocoDetection(torch.utils.data.Dataset):
         cat_ids = sorted(self.coco.cats)
         self.cat_id_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         self.label_to_cat_id = {i: c for c, i in self.cat_id_to_label.items()}
-        self.class_names = _class_names(data)
+        self.class_names = coco_class_names(data)
         self.num_classes = len(cat_ids) + 1
 
         self.skipped = collections.Counter()
@@ -160,19 +149,13 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-class VocDetection(CocoDetection):
-    """Pascal VOC XML annotations as a ``CocoDetection``: ``voc_to_coco`` reads them (see its
-    docstring for the box convention, ``difficult`` objects and what is skipped), then the COCO
-    reader takes the dict. ``skipped`` holds the counts of both."""
-
-    def __init__(self, voc_dir, image_dir, split_file=None, classes=None, transforms=None):
-        coco, skipped = voc_to_coco(voc_dir, image_dir, split_file=split_file, classes=classes)
-        name = f"Pascal VOC annotations {voc_dir}" + (f" (split {split_file})" if split_file else "")
-        super().__init__(image_dir, coco, transforms=transforms, name=name)
-        self.skipped.update(skipped)  # adds: the reader dropped what CocoDetection never sees
+def collate_fn(batch):
+    """Detectors take lists (images differ in size): [(image, target), ...] -> (images, targets)."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
 
 
-def _load_json(path: str) -> dict:
+def load_coco_json(path: str) -> dict:
     """The parsed json, checked by ``_check_coco``; ValueError naming the file."""
     try:
         with open(path) as f:
@@ -252,120 +235,7 @@ def _check_coco(data, name: str) -> dict:
     return data
 
 
-def _class_names(data: dict) -> list:
+def coco_class_names(data: dict) -> list:
     """Label -> name of a checked json: "__background__", then the categories in id order."""
     cats = sorted(data["categories"], key=lambda c: c["id"])
     return ["__background__"] + [str(c.get("name", c["id"])) for c in cats]
-
-
-def collate_fn(batch):
-    """Detectors take lists (images differ in size): [(image, target), ...] -> (images, targets)."""
-    images, targets = zip(*batch) if batch else ((), ())
-    return list(images), list(targets)
-
-
-# ---- transforms -------------------------------------------------------------------------------
-
-class Compose:
-    """Applies ``transforms`` in order as ``t(image, target, index)``; ``set_epoch`` reaches each."""
-
-    def __init__(self, transforms):
-        self.transforms = list(transforms)
-
-    def set_epoch(self, epoch: int) -> None:
-        for t in self.transforms:
-            if hasattr(t, "set_epoch"):
-                t.set_epoch(epoch)
-
-    def __call__(self, image, target, index):
-        for t in self.transforms:
-            image, target = t(image, target, index)
-        return image, target
-
-    def __repr__(self):
-        return f"Compose({self.transforms!r})"
-
-
-class RandomHorizontalFlip:
-    """Mirrors an image [C, H, W] and its boxes with probability ``p``.
-
-    The decision is a pure function of (seed, epoch, index): the same sample flips the same way in
-    a resumed run, in any DataLoader worker, whatever else drew random numbers.
-    """
-
-    def __init__(self, p: float = 0.5, seed: int = 0):
-        if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomHorizontalFlip: p must be a probability in [0, 1], got {p!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"RandomHorizontalFlip: seed must be an integer, got {seed!r}")
-        self.p, self.seed, self.epoch = float(p), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def flips(self, index: int) -> bool:
-        return _mix(self.seed, self.epoch, index) / 2**64 < self.p
-
-    def __call__(self, image, target, index):
-        if not self.flips(index):
-            return image, target
-        width = image.shape[-1]
-        target = dict(target)  # the caller's dict stays as it was
-        boxes = target["boxes"]
-        target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-        return image.flip(-1), target
-
-    def __repr__(self):
-        return f"RandomHorizontalFlip(p={self.p}, seed={self.seed})"
-
-
-# ---- sampling ---------------------------------------------------------------------------------
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """This rank's indices of one epoch, in an order fixed by (seed, epoch) alone.
-
-    Sharded like DistributedSampler: the epoch's order is padded by wrapping around (or cut, with
-    ``drop_last``) to a multiple of ``world_size``, and rank r takes positions r, r + world_size, ...
-    ``set_start(n)`` skips the first n indices of the next iteration only (resuming mid-epoch).
-    """
-
-    def __init__(self, dataset_len: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False):
-        for name, value, low in (("dataset_len", dataset_len, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"ResumableSampler: {name} must be an integer >= {low}, got {value!r}")
-        if rank >= world_size:
-            raise ValueError(f"ResumableSampler: rank must be < world_size ({world_size}), got {rank}")
-        self.dataset_len, self.shuffle, self.seed = int(dataset_len), bool(shuffle), int(seed)
-        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
-        self.epoch, self.start = 0, 0
-        if drop_last:
-            self.num_samples = self.dataset_len // self.world_size
-        else:
-            self.num_samples = math.ceil(self.dataset_len / self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def set_start(self, position: int) -> None:
-        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) \
-                or not 0 <= position <= self.num_samples:
-            raise ValueError(f"ResumableSampler.set_start: position must be an integer in "
-                             f"[0, {self.num_samples}], got {position!r}")
-        self.start = int(position)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-            order = torch.randperm(self.dataset_len, generator=g).tolist()
-        else:
-            order = list(range(self.dataset_len))
-        total = self.num_samples * self.world_size
-        if order and total > len(order):
-            order = (order * math.ceil(total / len(order)))[:total]
-        mine = order[:total][self.rank::self.world_size]
-        start, self.start = self.start, 0  # the skip is for this one (resumed) pass
-        return iter(mine[start:])

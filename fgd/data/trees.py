@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape
 
 from PIL import Image
 
-from .voc import _to_voc, voc_to_coco
+from .voc import to_voc, voc_to_coco
 
 __all__ = ["find_deepforest_data", "make_tree_tiles"]
 
@@ -196,7 +196,7 @@ def _tile_xml(split: str, filename: str, image: str, crop: tuple, objects: list)
              "\t</source>", f"\t<size><width>{w}</width><height>{h}</height><depth>3</depth></size>",
              "\t<segmented>0</segmented>"]
     for name, difficult, truncated, box in objects:
-        xmin, ymin, xmax, ymax = (_num(v) for v in _to_voc(*box))
+        xmin, ymin, xmax, ymax = (_num(v) for v in to_voc(*box))
         lines += ["\t<object>", f"\t\t<name>{escape(name)}</name>", "\t\t<pose>Unspecified</pose>",
                   f"\t\t<truncated>{truncated}</truncated>", f"\t\t<difficult>{difficult}</difficult>",
                   f"\t\t<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox>",

@@ -1,5 +1,6 @@
 """Pascal VOC XML annotations -> a COCO-format dict, so every VOC-style data set (VOC itself, and
-the many tools that write its XML) trains and evaluates through the COCO reader.
+the many tools that write its XML) trains and evaluates through the COCO reader: ``VocDetection``
+reads a VOC tree as a data set, ``convert_voc`` writes the COCO json.
 
 Box convention: VOC's ``<bndbox>`` holds 1-based, inclusive pixel indices (a box covering only the
 top-left pixel is xmin = ymin = xmax = ymax = 1). fgd's boxes, like COCO's and torchvision's, are
@@ -23,7 +24,9 @@ from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["voc_to_coco", "write_coco_json", "convert_voc"]
+from .coco import CocoDetection
+
+__all__ = ["VocDetection", "voc_to_coco", "write_coco_json", "convert_voc"]
 
 log = logging.getLogger("fgd.data")
 
@@ -158,6 +161,18 @@ def convert_voc(annotations, images, out, split_file=None, classes=None) -> dict
             "classes": [c["name"] for c in coco["categories"]], "skipped": dict(sorted(skipped.items()))}
 
 
+class VocDetection(CocoDetection):
+    """Pascal VOC XML annotations as a ``CocoDetection``: ``voc_to_coco`` reads them (see its
+    docstring for the box convention, ``difficult`` objects and what is skipped), then the COCO
+    reader takes the dict. ``skipped`` holds the counts of both."""
+
+    def __init__(self, voc_dir, image_dir, split_file=None, classes=None, transforms=None):
+        coco, skipped = voc_to_coco(voc_dir, image_dir, split_file=split_file, classes=classes)
+        name = f"Pascal VOC annotations {voc_dir}" + (f" (split {split_file})" if split_file else "")
+        super().__init__(image_dir, coco, transforms=transforms, name=name)
+        self.skipped.update(skipped)  # adds: the reader dropped what CocoDetection never sees
+
+
 # ---- the box convention -----------------------------------------------------------------------
 
 def _from_voc(box):
@@ -169,7 +184,7 @@ def _from_voc(box):
     return xmin - 1.0, ymin - 1.0, float(xmax), float(ymax)
 
 
-def _to_voc(x1, y1, x2, y2):
+def to_voc(x1, y1, x2, y2):
     """The inverse of ``_from_voc``: continuous (x1, y1, x2, y2) -> VOC (xmin, ymin, xmax, ymax)."""
     return x1 + 1, y1 + 1, x2, y2
 

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .coco import _class_names, _load_json
+from .coco import coco_class_names, load_coco_json
 
 
 def coco_to_yolo(splits: dict, out) -> Path:
@@ -22,8 +22,8 @@ def coco_to_yolo(splits: dict, out) -> Path:
     out = Path(out)
     names = None
     for split, (ann_file, image_dir) in splits.items():
-        data = _load_json(str(ann_file))
-        split_names = _class_names(data)[1:]
+        data = load_coco_json(str(ann_file))
+        split_names = coco_class_names(data)[1:]
         if names is not None and split_names != names:
             raise ValueError(f"coco_to_yolo: {ann_file} has categories {split_names}, the other splits {names}")
         names = split_names

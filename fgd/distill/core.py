@@ -6,24 +6,24 @@
     core.step()                                   # one training iteration done
 
 An adapter per framework only *finds* the inputs: per-level student and teacher feature maps of the
-same batch, each level's anchors ([H*W*K, 4], shared by the batch) and each image's GT boxes in the
-pixels of that batch. Everything else -- the paper's mask (or a baseline's), the adaptation convs,
-the masked loss and its warm-up -- lives here, once.
+same batch, each level's anchors ([H*W*K, 4], shared by the batch) and the batch's GT boxes in the
+pixels of that batch (``GTBoxes``: padded [B, G, 4] and a count per image; a list of one [n_i, 4]
+tensor per image is accepted too). Everything else -- the paper's mask (or a baseline's), the
+adaptation convs, the masked loss and its warm-up -- lives here, once. The settings are one
+``ImitationSettings`` (fgd.distill.settings).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-
-LEVEL_POLICIES = ("assigned", "per_level")
-MASK_MODES = ("fgfi", "gt_box", "full")
-ADAPTERS = ("3x3", "1x1")
+from .settings import (ADAPTERS, LEVEL_POLICIES, MASK_MODES, FGFIParams, ImitationSettings,  # noqa: F401
+                       from_door)
 
 
 class Adapter(nn.Module):
@@ -42,11 +42,34 @@ class Adapter(nn.Module):
         return torch.relu(x) if self.relu else x
 
 
-def _sparse_ok(conv) -> bool:
+def masked_adapt_supports(conv) -> bool:
     """Whether masked_adapt_loss computes exactly this conv: k = 1 or 3, stride 1, same padding."""
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size in ((1, 1), (3, 3))
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding == (conv.kernel_size[0] // 2,) * 2 and conv.padding_mode == "zeros")
+
+
+class GTBoxes(NamedTuple):
+    """A batch's GT boxes: ``boxes`` [B, G, 4] xyxy, zero-padded past ``counts[b]`` (int64 [B])."""
+
+    boxes: Tensor
+    counts: Tensor
+
+    @classmethod
+    def from_list(cls, boxes: Sequence[Tensor], device=None) -> "GTBoxes":
+        """From one [n_i, 4] tensor per image."""
+        device = device if device is not None else (boxes[0].device if len(boxes) else "cpu")
+        G = max((len(b) for b in boxes), default=0)
+        out = torch.zeros(len(boxes), G, 4, device=device)
+        for i, b in enumerate(boxes):
+            out[i, : len(b)] = b.detach().to(device=device, dtype=out.dtype)
+        return cls(out, torch.tensor([len(b) for b in boxes], dtype=torch.long, device=device))
+
+
+def as_gt_boxes(boxes, device) -> GTBoxes:
+    if isinstance(boxes, GTBoxes):
+        return GTBoxes(boxes.boxes.detach().to(device=device, dtype=torch.float32), boxes.counts.to(device))
+    return GTBoxes.from_list(list(boxes), device)
 
 
 def assign_fpn_levels(boxes: Tensor, levels: Sequence[int]) -> Tensor:
@@ -60,47 +83,42 @@ def assign_fpn_levels(boxes: Tensor, levels: Sequence[int]) -> Tensor:
     return present[torch.searchsorted(present, k, right=True) - 1]
 
 
-def imitation_masks(anchors: Sequence[Tensor], boxes: Sequence[Tensor], feat_sizes, image_size, *,
-                    mask_mode: str = "fgfi", level_policy: str = "assigned", thresh: float = 0.5,
-                    offset: float = 0.0) -> list:
+def imitation_masks(anchors: Sequence[Tensor], boxes, feat_sizes, image_size,
+                    params: FGFIParams = FGFIParams()) -> list:
     """The imitation mask of every level: bool [B, H_l, W_l] each.
 
-    ``anchors``: [H_l*W_l*K, 4] per level (shared by the batch); ``boxes``: one [n_i, 4] tensor per
-    image, in the coordinates of the padded batch of size ``image_size`` (H, W), from which each
-    level's stride, hence its FPN level, is inferred.
+    ``anchors``: [H_l*W_l*K, 4] per level (shared by the batch); ``boxes``: ``GTBoxes`` (or one
+    [n_i, 4] tensor per image), in the coordinates of the padded batch of size ``image_size``
+    (H, W), from which each level's stride, hence its FPN level, is inferred.
     """
-    B = len(boxes)
     device = anchors[0].device
-    G = max((len(b) for b in boxes), default=0)
-    gt = torch.zeros(B, G, 4, device=device)
-    counts = torch.tensor([len(b) for b in boxes], dtype=torch.long)
-    for i, b in enumerate(boxes):
-        gt[i, : len(b)] = b.detach().to(device=device, dtype=gt.dtype)
+    gt, counts = as_gt_boxes(boxes, device)
+    B, G = gt.shape[:2]
     strides = [image_size[0] / fs[0] for fs in feat_sizes]
     levels = [int(round(math.log2(s))) for s in strides]
-    valid = torch.arange(G, device=device)[None, :] < counts.to(device)[:, None]
-    if level_policy == "assigned" and G > 0:
+    assigned = params.level_policy == "assigned" and G > 0
+    if assigned:
+        valid = torch.arange(G, device=device)[None, :] < counts[:, None]
         owner = assign_fpn_levels(gt, levels)  # [B, G]: the FPN level of each GT
     out = []
     for lvl, (a, fs) in enumerate(zip(anchors, feat_sizes)):
-        if level_policy == "assigned" and G > 0:
+        if assigned:
             keep = valid & (owner == levels[lvl])  # levels of one stride share their GTs
             order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
             gt_l = torch.gather(gt, 1, order[..., None].expand(-1, -1, 4))
             counts_l = keep.sum(dim=1)  # stays on the device: no sync
         else:
             gt_l, counts_l = gt, counts
-        out.append(_mask(a.to(device=device, dtype=gt.dtype), gt_l, counts_l, tuple(fs),
-                         mask_mode, thresh, offset))
+        out.append(_mask(a.to(device=device, dtype=gt.dtype), gt_l, counts_l, tuple(fs), params))
     return out
 
 
-def _mask(anchors: Tensor, gt: Tensor, counts: Tensor, feat_size, mask_mode, thresh, offset) -> Tensor:
+def _mask(anchors: Tensor, gt: Tensor, counts: Tensor, feat_size, params: FGFIParams) -> Tensor:
     B, (H, W) = gt.shape[0], feat_size
-    if mask_mode == "full":
+    if params.mask_mode == "full":
         return torch.ones(B, H, W, dtype=torch.bool, device=gt.device)
-    if mask_mode == "fgfi":
-        return ops.imitation_mask(anchors, gt, counts, (H, W), thresh=thresh, offset=offset)
+    if params.mask_mode == "fgfi":
+        return ops.imitation_mask(anchors, gt, counts, (H, W), thresh=params.thresh, offset=params.offset)
     # gt_box: a location is on if its centre (the mean centre of its anchors) is inside a GT box
     centres = anchors.view(H * W, -1, 4).mean(dim=1)
     cx = ((centres[:, 0] + centres[:, 2]) / 2)[None, :, None]
@@ -132,49 +150,28 @@ class FeatureImitation(nn.Module):
 
     Args:
         channels: [(student_channels, teacher_channels)] per imitated level.
-        imitation_weight: lambda (official: 0.01).
-        thresh: psi, the fraction of each GT's best IoU an anchor must exceed (official: 0.5).
-        warmup_iters: training iterations during which the imitation loss is 0 (official: 400).
-        mask_mode: "fgfi" (the paper's mask), "gt_box" (locations inside a GT box) or "full"
-            (everywhere) -- the paper's baselines.
-        level_policy: "assigned" -- each GT counts only on its FPN level, floor(4 + log2(sqrt(wh)/224))
-            clamped to the imitated levels; "per_level" -- every GT on every level.
-        adapter: "3x3" (official) or "1x1"; adapter_relu: ReLU after it.
-        offset: IoU pixel convention (0: torchvision's).
-        sparse_adaptation: compute the adapter and the loss only at the masked locations
-            (fgd.ops.masked_adapt_loss: cost in proportion to N_p); False: dense conv2d + imitation_loss.
+        settings: an ``ImitationSettings`` (default: the official ones); ``overrides`` change some of
+            them by their python names (``imitation_weight=``, ``thresh=``, ... see
+            fgd.distill.settings.NAMES).
+        total_iterations: the run's length, for the automatic warm-up (``warmup_iters=None``).
         who: the name error messages start with (the adapter the user called).
     """
 
-    def __init__(self, channels: Sequence[tuple], *, imitation_weight: float = 0.01, thresh: float = 0.5,
-                 warmup_iters: int = 400, mask_mode: str = "fgfi", level_policy: str = "assigned",
-                 adapter: str = "3x3", adapter_relu: bool = False, offset: float = 0.0,
-                 sparse_adaptation: bool = True, who: str = "fgd.FeatureImitation"):
+    def __init__(self, channels: Sequence[tuple], settings: Optional[ImitationSettings] = None, *,
+                 total_iterations: Optional[int] = None, who: str = "fgd.FeatureImitation", **overrides):
         super().__init__()
-        for name, value, allowed in (("mask_mode", mask_mode, MASK_MODES),
-                                     ("level_policy", level_policy, LEVEL_POLICIES),
-                                     ("adapter", adapter, ADAPTERS)):
-            if value not in allowed:
-                raise ValueError(f"{who}: {name} must be one of {allowed}, got {value!r}")
-        if not 0.0 <= thresh < 1.0:
-            raise ValueError(f"{who}: thresh must be in [0, 1), got {thresh}")
-        if imitation_weight < 0 or not math.isfinite(imitation_weight):
-            raise ValueError(f"{who}: imitation_weight must be >= 0, got {imitation_weight}")
-        if int(warmup_iters) != warmup_iters or warmup_iters < 0:
-            raise ValueError(f"{who}: warmup_iters must be an int >= 0, got {warmup_iters}")
         self.who = who
-        self.imitation_weight = float(imitation_weight)
-        self.thresh = float(thresh)
-        self.warmup_iters = int(warmup_iters)
-        self.mask_mode = mask_mode
-        self.level_policy = level_policy
-        self.offset = float(offset)
-        self.sparse_adaptation = bool(sparse_adaptation)
+        self.settings = from_door(overrides, "python", base=settings or ImitationSettings(), who=who)
+        self.total_iterations = total_iterations
         # Not in the state dict (Ultralytics' EMA takes every entry for a tensor): the host keeps it
         # (fgd.Distiller in its own extra state; FGFITrainer from the epoch it resumes at).
         self.iteration = 0
-        k = 3 if adapter == "3x3" else 1
-        self.adapters = nn.ModuleList(Adapter(int(cs), int(ct), k, adapter_relu) for cs, ct in channels)
+        k = 3 if self.settings.adapter == "3x3" else 1
+        self.adapters = nn.ModuleList(Adapter(int(cs), int(ct), k, self.settings.adapter_relu) for cs, ct in channels)
+
+    @property
+    def warmup_iters(self) -> int:
+        return self.settings.warmup_for(self.total_iterations)
 
     @property
     def warming_up(self) -> bool:
@@ -185,20 +182,19 @@ class FeatureImitation(nn.Module):
         step does not shorten the warm-up)."""
         self.iteration += 1
 
-    def masks(self, anchors: Sequence[Tensor], boxes: Sequence[Tensor], feat_sizes, image_size) -> list:
+    def masks(self, anchors: Sequence[Tensor], boxes, feat_sizes, image_size) -> list:
         """The imitation mask of every level (bool [B, H_l, W_l]) under these settings."""
-        return imitation_masks(anchors, boxes, feat_sizes, image_size, mask_mode=self.mask_mode,
-                               level_policy=self.level_policy, thresh=self.thresh, offset=self.offset)
+        return imitation_masks(anchors, boxes, feat_sizes, image_size, self.settings.params)
 
     def zero(self) -> ImitationResult:
         """The warm-up's result: zero, but through every adapter, so DDP sees all parameters used."""
         return ImitationResult(sum(p.sum() for p in self.adapters.parameters()) * 0.0)
 
     def forward(self, s_feats: Sequence[Tensor], t_feats: Sequence[Tensor], anchors: Sequence[Tensor],
-                boxes: Sequence[Tensor], image_size, *, names: tuple = ("", "")) -> ImitationResult:
-        """The lambda-weighted loss of one batch. ``image_size``: (H, W) of the batch the boxes and
-        anchors are in pixels of; ``names``: how to name the student's and the teacher's features in
-        errors (e.g. their layers)."""
+                boxes, image_size, *, names: tuple = ("", "")) -> ImitationResult:
+        """The lambda-weighted loss of one batch. ``boxes``: ``GTBoxes`` or one [n_i, 4] tensor per
+        image; ``image_size``: (H, W) of the batch the boxes and anchors are in pixels of;
+        ``names``: how to name the student's and the teacher's features in errors (e.g. their layers)."""
         s_name, t_name = (f" ({n})" if n else "" for n in names)
         n = len(self.adapters)
         if not (len(s_feats) == len(t_feats) == len(anchors) == n):
@@ -206,6 +202,7 @@ class FeatureImitation(nn.Module):
                 f"{self.who}: {len(s_feats)} student features{s_name}, {len(t_feats)} teacher features{t_name}, "
                 f"{len(anchors)} anchor levels and {n} adaptation layers: they must be one per imitated level")
         masks = self.masks(anchors, boxes, [f.shape[-2:] for f in s_feats], image_size)
+        sparse = self.settings.sparse_adaptation
         total, level_losses, num_pos = None, [], []
         for lvl, (s, t, mask, adapt) in enumerate(zip(s_feats, t_feats, masks, self.adapters)):
             if s.shape[-2:] != t.shape[-2:] or s.shape[0] != t.shape[0]:
@@ -219,7 +216,7 @@ class FeatureImitation(nn.Module):
                     f"{self.who}: level {lvl}: the adaptation layer maps {conv.in_channels} to "
                     f"{conv.out_channels} channels but the student feature has {s.shape[1]} and the "
                     f"teacher's {t.shape[1]}")
-            if self.sparse_adaptation and _sparse_ok(conv):
+            if sparse and masked_adapt_supports(conv):
                 loss = ops.masked_adapt_loss(s, t.detach().to(s.dtype), mask, conv.weight, conv.bias,
                                              relu=adapt.relu)
             else:
@@ -231,4 +228,5 @@ class FeatureImitation(nn.Module):
             level_losses.append(loss.detach())
             num_pos.append(mask.sum().detach())
             total = loss if total is None else total + loss.to(total.dtype)
-        return ImitationResult(self.imitation_weight * total, level_losses, num_pos, [m.detach() for m in masks])
+        return ImitationResult(self.settings.imitation_weight * total, level_losses, num_pos,
+                               [m.detach() for m in masks])

@@ -15,7 +15,7 @@ class Found(NamedTuple):
     student_feats: list
     teacher_feats: list
     anchors: list
-    boxes: list
+    boxes: object        # GTBoxes, or one [n_i, 4] tensor per image
     image_size: tuple
 
 
@@ -67,9 +67,10 @@ class HookTaps:
         self.teacher_layers = [teacher_layers] if isinstance(teacher_layers, str) else list(teacher_layers)
         self.student_layers = [student_layers] if isinstance(student_layers, str) else list(student_layers)
         self.anchors_fn = anchors_fn
-        s_mods = {p: find_module(student, p, "student") for p in self.student_layers}
-        t_mods = {p: find_module(teacher, p, "teacher") for p in self.teacher_layers}
-        self.channels = list(channels) if channels is not None else self._infer_channels(s_mods, t_mods)
+        # resolved once: the modules a step records
+        self.s_mods = {p: find_module(student, p, "student") for p in self.student_layers}
+        self.t_mods = {p: find_module(teacher, p, "teacher") for p in self.teacher_layers}
+        self.channels = list(channels) if channels is not None else self._infer_channels(self.s_mods, self.t_mods)
         self.names = (str(self.student_layers), str(self.teacher_layers))
 
     @staticmethod
@@ -91,14 +92,12 @@ class HookTaps:
         """(the student's losses, Found or None during the warm-up: no teacher runs then)."""
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise TypeError("fgd.Distiller: with custom layers, images must be one batched tensor [B, C, H, W]")
-        s_mods = {p: find_module(student, p, "student") for p in self.student_layers}
-        with recording(s_mods) as seen:
+        with recording(self.s_mods) as seen:
             losses = student(images, targets)
         if warm:
             return losses, None
         s_feats = [f for p in self.student_layers for f in flatten(seen[p], f"student module {p!r}")]
-        t_mods = {p: find_module(teacher, p, "teacher") for p in self.teacher_layers}
-        with torch.no_grad(), recording(t_mods) as tseen:
+        with torch.no_grad(), recording(self.t_mods) as tseen:
             teacher(as_teacher_input(teacher, images))
         t_feats = [f for p in self.teacher_layers for f in flatten(tseen[p], f"teacher module {p!r}")]
         with torch.no_grad():

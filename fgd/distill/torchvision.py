@@ -7,7 +7,8 @@
 The distiller records the student's feature maps with forward hooks that exist only while its
 forward runs (so ``d.student`` stays a plain model), runs the teacher's backbone on the student's
 transformed batch and hands both, with the student's anchors and the batch's GT boxes, to the
-framework-free core (``FeatureImitation``).
+framework-free core (``FeatureImitation``). ``detector_levels`` shows the same view of a batch
+outside training (``fgd viz``): both go through ``TorchvisionFinder``.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import FeatureImitation, ImitationResult, imitation_masks
+from .core import FeatureImitation, GTBoxes, ImitationResult
 from .hooks import Found, HookTaps, as_teacher_input, flatten, recording
+from .settings import ImitationSettings, door_keys, from_door, get
 
 
 def _anchor_generator(model: nn.Module):
@@ -50,6 +52,35 @@ def _transform_key(t) -> tuple:
             t.fixed_size)
 
 
+class TorchvisionFinder:
+    """Where a torchvision detector's imitated levels are: every FPN output of its backbone, its
+    anchors (made once per padded batch size, feature sizes, device and dtype) and the GT boxes of
+    its transformed targets."""
+
+    _MAX_CACHED = 64  # anchor sets kept (one per input size seen)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._anchors: dict = {}
+
+    def features(self, backbone_out, role: str = "the backbone") -> list:
+        return flatten(backbone_out, role)
+
+    def anchors(self, image_list, feats: Sequence[Tensor]) -> list:
+        batch = image_list.tensors
+        key = (tuple(batch.shape), tuple(tuple(f.shape[-2:]) for f in feats), batch.device, batch.dtype)
+        if key not in self._anchors:
+            if len(self._anchors) >= self._MAX_CACHED:
+                self._anchors.clear()
+            with torch.no_grad():
+                self._anchors[key] = level_anchors(self.model, image_list, feats)
+        return self._anchors[key]
+
+    @staticmethod
+    def boxes(tv_targets, device) -> GTBoxes:
+        return GTBoxes.from_list([t["boxes"] for t in tv_targets], device)
+
+
 class Levels(NamedTuple):
     """A torchvision detector's view of a batch, per FPN level (see ``detector_levels``)."""
 
@@ -60,19 +91,25 @@ class Levels(NamedTuple):
     masks: list        # bool [B, H_l, W_l] per level (empty without targets)
 
 
-def detector_levels(model: nn.Module, images, targets=None, *, mask_mode: str = "fgfi",
-                    level_policy: str = "assigned", thresh: float = 0.5, offset: float = 0.0) -> Levels:
+def detector_levels(model: nn.Module, images, targets=None, settings: Optional[ImitationSettings] = None,
+                    **overrides) -> Levels:
     """What FGFI sees of a torchvision detector on a batch: its transformed batch, FPN features,
-    anchors, the GT boxes in the batch's pixels and the imitation masks (with ``targets``). Runs the
-    transform and the backbone only, under the caller's grad mode (the model's mode is left as is)."""
+    anchors, the GT boxes in the batch's pixels and the imitation masks (with ``targets``) under
+    ``settings`` (``overrides``: some of them by name, ``mask_mode=`` ...). Runs the transform and the
+    backbone only, under the caller's grad mode (the model's mode is left as is)."""
+    from .core import imitation_masks
+
+    settings = from_door(overrides, "python", base=settings or ImitationSettings(), who="fgd.distill.detector_levels")
+    find = TorchvisionFinder(model)
     image_list, tv_targets = model.transform(list(images), None if targets is None else [dict(t) for t in targets])
-    feats = flatten(model.backbone(image_list.tensors), "the backbone")
-    anchors = level_anchors(model, image_list, feats)
-    boxes = [t["boxes"] for t in tv_targets] if tv_targets is not None else []
+    feats = find.features(model.backbone(image_list.tensors))
+    anchors = find.anchors(image_list, feats)
+    if tv_targets is None:
+        return Levels(image_list.tensors, feats, anchors, [], [])
+    boxes = find.boxes(tv_targets, image_list.tensors.device)
     masks = imitation_masks(anchors, boxes, [f.shape[-2:] for f in feats], image_list.tensors.shape[-2:],
-                            mask_mode=mask_mode, level_policy=level_policy, thresh=thresh,
-                            offset=offset) if boxes else []
-    return Levels(image_list.tensors, feats, anchors, boxes, masks)
+                            settings.params)
+    return Levels(image_list.tensors, feats, anchors, [t["boxes"] for t in tv_targets], masks)
 
 
 def same_stride(s_feat: Tensor, t_feats: Sequence[Tensor], lvl: int) -> Tensor:
@@ -108,6 +145,7 @@ class TorchvisionTaps:
             levels = len(_anchor_generator(student).sizes)
             channels = [(student.backbone.out_channels, teacher.backbone.out_channels)] * levels
         self.channels = list(channels)
+        self.find = TorchvisionFinder(student)
 
     def run(self, teacher: nn.Module, student: nn.Module, images, targets, warm: bool):
         """(the student's losses, Found or None during the warm-up: no teacher runs then)."""
@@ -116,13 +154,21 @@ class TorchvisionTaps:
         if warm:
             return losses, None
         image_list, tv_targets = seen["transform"]
-        s_feats = flatten(seen["features"], "the student's backbone")
+        s_feats = self.find.features(seen["features"], "the student's backbone")
         batch = image_list.tensors
         with torch.no_grad():
             t_all = flatten(teacher.backbone(as_teacher_input(teacher, batch)), "the teacher's backbone")
             t_feats = [same_stride(f, t_all, lvl) for lvl, f in enumerate(s_feats)]
-            anchors = level_anchors(student, image_list, s_feats)
-        return losses, Found(s_feats, t_feats, anchors, [t["boxes"] for t in tv_targets], tuple(batch.shape[-2:]))
+        anchors = self.find.anchors(image_list, s_feats)
+        return losses, Found(s_feats, t_feats, anchors, self.find.boxes(tv_targets, batch.device),
+                             tuple(batch.shape[-2:]))
+
+
+def _alias(name: str) -> property:
+    path = door_keys("python")[name]
+    return property(lambda self: get(self.settings, path),
+                    lambda self, v: setattr(self, "settings", self.settings.updated("fgd.Distiller", **{name: v})),
+                    doc=f"d.settings' {path}")
 
 
 class Distiller(nn.Module):
@@ -135,37 +181,30 @@ class Distiller(nn.Module):
     ``anchors_fn(images, student_features) -> [H*W*K, 4] anchors per level``; the teacher then runs
     whole, on the same ``images``.
 
-    The method's settings (``imitation_weight``, ``thresh``, ``warmup_iters``, ``mask_mode``,
-    ``level_policy``, ``adapter``, ``adapter_relu``, ``offset``, ``sparse_adaptation``) are those of
-    ``fgd.distill.FeatureImitation``, which computes the loss; ``channels``: [(student_channels,
-    teacher_channels)] per level, for detectors whose modules do not say (torchvision backbones
-    expose ``out_channels``).
+    The method's settings: ``settings`` (an ``fgd.distill.ImitationSettings``; default the official
+    ones), changed by keyword (``imitation_weight``, ``thresh``, ``warmup_iters``, ``mask_mode``,
+    ``level_policy``, ``adapter``, ``adapter_relu``, ``offset``, ``sparse_adaptation``, ``method``);
+    ``d.settings`` holds them. ``total_iterations``: the run's length, for ``warmup_iters=None`` (a
+    tenth of the run). ``channels``: [(student_channels, teacher_channels)] per level, for detectors
+    whose modules do not say (torchvision backbones expose ``out_channels``).
     """
 
     def __init__(
         self,
         teacher: nn.Module,
         student: nn.Module,
+        settings: Optional[ImitationSettings] = None,
         *,
         teacher_layers: Optional[Sequence[str]] = None,
         student_layers: Optional[Sequence[str]] = None,
         anchors_fn: Optional[Callable[[Tensor, list], list]] = None,
         channels: Optional[Sequence[tuple]] = None,
-        imitation_weight: float = 0.01,
-        thresh: float = 0.5,
-        warmup_iters: int = 400,
-        mask_mode: str = "fgfi",
-        level_policy: str = "assigned",
-        adapter: str = "3x3",
-        adapter_relu: bool = False,
-        offset: float = 0.0,
-        sparse_adaptation: bool = True,
+        total_iterations: Optional[int] = None,
+        **overrides,
     ):
         super().__init__()
-        settings = dict(imitation_weight=imitation_weight, thresh=thresh, warmup_iters=warmup_iters,
-                        mask_mode=mask_mode, level_policy=level_policy, adapter=adapter, adapter_relu=adapter_relu,
-                        offset=offset, sparse_adaptation=sparse_adaptation, who="fgd.Distiller")
-        FeatureImitation([], **settings)  # the settings' errors before any about the models
+        # the settings' errors before any about the models
+        settings = from_door(overrides, "python", base=settings or ImitationSettings(), who="fgd.Distiller")
         if teacher_layers is not None or student_layers is not None or anchors_fn is not None:
             if teacher_layers is None or student_layers is None or anchors_fn is None:
                 raise ValueError("fgd.Distiller: for a custom detector pass teacher_layers, "
@@ -179,9 +218,11 @@ class Distiller(nn.Module):
         # core's adapters are registered here, so the state dict keeps the keys saved runs have
         # ("adapters.*", the iteration in this module's extra state). _apply moves the teacher along.
         self._teacher = [teacher.eval().requires_grad_(False)]
-        self._core = [FeatureImitation(self.taps.channels, **settings)]
+        self._core = [FeatureImitation(self.taps.channels, settings, total_iterations=total_iterations,
+                                       who="fgd.Distiller")]
         self.adapters = self.imitation.adapters
-        # What the last training step computed, for logging and visualisation (not in the loss dict).
+        # The last training step's per-level values: a convenience for users (a training loop gets
+        # the ImitationResult from forward(..., with_result=True)).
         self.last_level_losses: list = []
         self.last_num_pos: list = []
         self.last_masks: list = []
@@ -194,6 +235,16 @@ class Distiller(nn.Module):
     def imitation(self) -> FeatureImitation:
         """The framework-free core that holds the settings, the adapters and the iteration."""
         return self._core[0]
+
+    @property
+    def settings(self) -> ImitationSettings:
+        return self.imitation.settings
+
+    @settings.setter
+    def settings(self, value: ImitationSettings) -> None:
+        if not isinstance(value, ImitationSettings):
+            raise TypeError(f"fgd.Distiller: settings must be an ImitationSettings, got {type(value).__name__}")
+        self.imitation.settings = value
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -211,12 +262,13 @@ class Distiller(nn.Module):
     def set_extra_state(self, state):
         self.imitation.iteration = int(state["iteration"])
 
-    def masks(self, anchors: Sequence[Tensor], boxes: Sequence[Tensor], feat_sizes, image_size) -> list:
+    def masks(self, anchors: Sequence[Tensor], boxes, feat_sizes, image_size) -> list:
         """The imitation mask of every level (bool [B, H_l, W_l]) under this distiller's settings."""
         return self.imitation.masks(anchors, boxes, feat_sizes, image_size)
 
-    def forward(self, images, targets=None):
-        """Training: the student's loss dict plus ``loss_imitation``. Eval: the student's output."""
+    def forward(self, images, targets=None, *, with_result: bool = False):
+        """Training: the student's loss dict plus ``loss_imitation`` -- with ``with_result``, the pair
+        (losses, the step's ``ImitationResult``). Eval: the student's output."""
         if not self.training:
             return self.student(images) if targets is None else self.student(images, targets)
         if targets is None:
@@ -230,15 +282,23 @@ class Distiller(nn.Module):
         result: ImitationResult = core.zero() if warm else core(*found, names=self.taps.names)
         self.last_level_losses, self.last_num_pos, self.last_masks = result.level_losses, result.num_pos, result.masks
         core.step()  # only now: a forward that raised (bad targets, OOM) must not shorten the warm-up
-        return {**losses, "loss_imitation": result.loss}
+        losses = {**losses, "loss_imitation": result.loss}
+        return (losses, result) if with_result else losses
 
+    # Thin aliases of the settings most used by name (d.warmup_iters = 0 sets it, checked).
+    imitation_weight = _alias("imitation_weight")
+    warmup_iters = _alias("warmup_iters")
+    sparse_adaptation = _alias("sparse_adaptation")
+    thresh = _alias("thresh")
+    mask_mode = _alias("mask_mode")
+    level_policy = _alias("level_policy")
+    offset = _alias("offset")
 
-def _core_setting(name: str) -> property:
-    return property(lambda self: getattr(self.imitation, name), lambda self, v: setattr(self.imitation, name, v),
-                    doc=f"The core's {name} (FeatureImitation.{name}).")
+    @property
+    def iteration(self) -> int:
+        """Training iterations done (the warm-up counts them)."""
+        return self.imitation.iteration
 
-
-# The method's settings and the iteration live in the core; d.mask_mode, d.iteration etc. read and set them.
-for _name in ("imitation_weight", "thresh", "warmup_iters", "mask_mode", "level_policy", "offset",
-              "sparse_adaptation", "iteration"):
-    setattr(Distiller, _name, _core_setting(_name))
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.imitation.iteration = int(value)

@@ -28,66 +28,55 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.distill_model import DistillationModel
 from ultralytics.utils import LOGGER
 
-from ..distill.core import ADAPTERS, LEVEL_POLICIES, MASK_MODES, FeatureImitation
+from ..distill.core import FeatureImitation, GTBoxes, imitation_masks
+from ..distill.settings import ImitationSettings, SettingsError, door_keys, from_door, to_door
+from ..runlog import RunLog
 
-__all__ = ["FGFITrainer", "FGFIDistillationModel", "fgfi_settings", "point_anchors", "yolo_boxes", "yolo_levels"]
+__all__ = ["FGFITrainer", "FGFIDistillationModel", "YoloFinder", "fgfi_settings", "imitation_settings",
+           "point_anchors", "yolo_boxes", "yolo_masks"]
 
-# fgfi_* keyword -> default. fgfi_lambda: Ultralytics' detection loss is a sum per image of gains
-# 7.5 / 0.5 / 1.5 on box / cls / dfl (about 7.5 at the start of a run on the shapes data), where
-# Faster R-CNN's is about 1, and the imitation loss sums squared errors over the teacher's channels
-# (about 22-36 for a trained yolo26s teacher and a fresh yolo26n at 128 px). 0.1 puts lambda * L_imit
-# at about 0.35 x the detection loss, the ratio at which fgd's torchvision demo did best (0.4 x, with
-# lambda 0.01 / 0.1 / 0.2 tried); the paper's 0.01 is for its Faster R-CNN's scale.
-DEFAULTS = {
-    "fgfi_psi": 0.5,
-    "fgfi_lambda": 0.1,
-    "fgfi_warmup": None,            # None: min(400, a tenth of the run's iterations)
-    "fgfi_adapter": "3x3",
-    "fgfi_mask": "fgfi",
-    "fgfi_levels": "assigned",
+# The method's settings as fgfi_* keys (fgd.distill.settings.NAMES; Ultralytics' defaults there too).
+SETTING_KEYS = door_keys("ultralytics")
+# This adapter's own settings: how it makes anchors for an anchor-free head, and Ultralytics' own KD.
+ADAPTER_DEFAULTS = {
     "fgfi_anchor_scale": 8.0,       # a number or a list of numbers: boxes of side scale x stride
     "fgfi_anchor_ratios": (1.0,),   # height / width of each box
     "fgfi_ultralytics_kd": False,   # also Ultralytics' score-weighted loss (weight `dis`)
-    "fgfi_sparse": True,            # adapter + loss at the masked locations only (masked_adapt_loss)
 }
-_CHOICES = {"fgfi_adapter": ADAPTERS, "fgfi_mask": MASK_MODES, "fgfi_levels": LEVEL_POLICIES}
 
 
 def _positive_numbers(value, key) -> tuple:
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
                              for v in values):
-        raise ValueError(f"FGFITrainer: {key} must be a positive number or a list of them, got {value!r}")
+        raise SettingsError(f"FGFITrainer: {key} must be a positive number or a list of them, got {value!r}")
     return tuple(float(v) for v in values)
 
 
 def fgfi_settings(kwargs: dict) -> tuple:
-    """(the FGFI settings with defaults filled in, the other keyword arguments) of ``train(**kwargs)``.
+    """(every fgfi_* setting, defaults filled in, the other keyword arguments) of ``train(**kwargs)``.
     An unknown ``fgfi_*`` key or a bad value raises ValueError naming it."""
     given = {k: v for k, v in kwargs.items() if k.startswith("fgfi_")}
     rest = {k: v for k, v in kwargs.items() if not k.startswith("fgfi_")}
+    known = [*SETTING_KEYS, *ADAPTER_DEFAULTS]
     for k in given:
-        if k not in DEFAULTS:
-            close = difflib.get_close_matches(k, DEFAULTS, n=1)
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"FGFITrainer: unknown setting {k!r}{hint}; the settings are {', '.join(DEFAULTS)}")
-    s = {**DEFAULTS, **given}
-    for k, allowed in _CHOICES.items():
-        if s[k] not in allowed:
-            raise ValueError(f"FGFITrainer: {k} must be one of {allowed}, got {s[k]!r}")
-    if not isinstance(s["fgfi_psi"], (int, float)) or not 0.0 <= s["fgfi_psi"] < 1.0:
-        raise ValueError(f"FGFITrainer: fgfi_psi must be in [0, 1), got {s['fgfi_psi']!r}")
-    if not isinstance(s["fgfi_lambda"], (int, float)) or not math.isfinite(s["fgfi_lambda"]) or s["fgfi_lambda"] < 0:
-        raise ValueError(f"FGFITrainer: fgfi_lambda must be a number >= 0, got {s['fgfi_lambda']!r}")
-    w = s["fgfi_warmup"]
-    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
-        raise ValueError(f"FGFITrainer: fgfi_warmup must be an int >= 0 (or None: automatic), got {w!r}")
-    for k in ("fgfi_ultralytics_kd", "fgfi_sparse"):
-        if not isinstance(s[k], bool):
-            raise ValueError(f"FGFITrainer: {k} must be True or False, got {s[k]!r}")
+            raise SettingsError(f"FGFITrainer: unknown setting {k!r}{hint}; the settings are {', '.join(known)}")
+    method = from_door({k: v for k, v in given.items() if k in SETTING_KEYS}, "ultralytics")
+    s = {**to_door(method, "ultralytics"), **ADAPTER_DEFAULTS, **{k: v for k, v in given.items() if k in ADAPTER_DEFAULTS}}
+    if not isinstance(s["fgfi_ultralytics_kd"], bool):
+        raise SettingsError(f"FGFITrainer: fgfi_ultralytics_kd must be True or False, got {s['fgfi_ultralytics_kd']!r}")
     s["fgfi_anchor_scale"] = _positive_numbers(s["fgfi_anchor_scale"], "fgfi_anchor_scale")
     s["fgfi_anchor_ratios"] = _positive_numbers(s["fgfi_anchor_ratios"], "fgfi_anchor_ratios")
     return s, rest
+
+
+def imitation_settings(s: dict) -> ImitationSettings:
+    """The method's settings of an fgfi_* dict (``fgfi_settings``' first value, or one a run saved:
+    a key it lacks takes Ultralytics' default)."""
+    return from_door({k: v for k, v in s.items() if k in SETTING_KEYS}, "ultralytics")
 
 
 def point_anchors(feats: Sequence[Tensor], strides: Sequence[float], scales=(8.0,), ratios=(1.0,)) -> list:
@@ -107,21 +96,48 @@ def point_anchors(feats: Sequence[Tensor], strides: Sequence[float], scales=(8.0
     return out
 
 
-def yolo_boxes(batch: dict, height: int, width: int) -> list:
-    """Each image's GT boxes, xyxy in pixels of ``batch["img"]``, from Ultralytics' normalised xywh
-    ``batch["bboxes"]`` and ``batch["batch_idx"]``."""
+def yolo_boxes(batch: dict, height: int, width: int) -> GTBoxes:
+    """The batch's GT boxes, xyxy in pixels of ``batch["img"]``, padded per image, from Ultralytics'
+    normalised xywh ``batch["bboxes"]`` and ``batch["batch_idx"]``, without a read back to the host
+    (the padding is as long as the batch's number of boxes)."""
     n = batch["img"].shape[0]
     idx = batch["batch_idx"].view(-1).long()
     xywh = batch["bboxes"].view(-1, 4).float() * torch.tensor([width, height, width, height],
                                                                device=batch["bboxes"].device)
     xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], dim=1)
-    return [xyxy[idx == i] for i in range(n)]
+    order = torch.argsort(idx, stable=True)  # Ultralytics' collate keeps them by image already
+    idx, xyxy = idx[order], xyxy[order]
+    counts = torch.bincount(idx, minlength=n)
+    slot = torch.arange(len(idx), device=idx.device) - (torch.cumsum(counts, 0) - counts)[idx]
+    boxes = xyxy.new_zeros(n, len(idx), 4)
+    boxes[idx, slot] = xyxy
+    return GTBoxes(boxes, counts)
 
 
-def yolo_levels(feats: Sequence[Tensor], batch: dict, strides: Sequence[float], scales=(8.0,), ratios=(1.0,)):
-    """(anchors per level, GT boxes per image, (H, W)): what the core needs of a YOLO batch."""
-    H, W = batch["img"].shape[-2:]
-    return point_anchors(feats, strides, scales, ratios), yolo_boxes(batch, H, W), (H, W)
+class YoloFinder:
+    """Where FGFI's inputs are in a YOLO batch: the point anchors of each level (made once per
+    feature size and device) and the batch's GT boxes. The trainer's loss and ``yolo_masks`` use it."""
+
+    def __init__(self, strides: Sequence[float], scales=(8.0,), ratios=(1.0,)):
+        # fixed for the model's life: read once, so no step reads a device tensor back to the host
+        self.strides = [float(x) for x in strides]
+        self.scales, self.ratios = tuple(scales), tuple(ratios)
+        self._anchors: dict = {}  # (feature sizes, device) -> anchors per level
+
+    def __getstate__(self):
+        return {**self.__dict__, "_anchors": {}}  # made again where it is unpickled
+
+    def anchors(self, feat_sizes, device) -> list:
+        key = (tuple(tuple(int(x) for x in fs) for fs in feat_sizes), device)
+        if key not in self._anchors:  # multi_scale changes the size between batches
+            stand_ins = [torch.empty(1, 1, *fs, device=device) for fs in key[0]]
+            self._anchors[key] = point_anchors(stand_ins, self.strides, self.scales, self.ratios)
+        return self._anchors[key]
+
+    def find(self, batch: dict, feat_sizes) -> tuple:
+        """(anchors per level, GTBoxes, (H, W)): what the core needs of a batch besides its features."""
+        H, W = batch["img"].shape[-2:]
+        return self.anchors(feat_sizes, batch["img"].device), yolo_boxes(batch, H, W), (H, W)
 
 
 # Unpickled FGFI checkpoints refuse to give their projector to anyone but FGFITrainer: Ultralytics'
@@ -156,21 +172,20 @@ class FGFIDistillationModel(DistillationModel):
                      self.decouple_outputs(self._teacher_feats[i]).shape[1]) for i in range(n)]
         self._student_feats.clear()
         self._teacher_feats.clear()
-        warmup = settings["fgfi_warmup"]
-        self.fgfi = FeatureImitation(
-            channels, imitation_weight=settings["fgfi_lambda"], thresh=settings["fgfi_psi"],
-            warmup_iters=400 if warmup is None else warmup, mask_mode=settings["fgfi_mask"],
-            level_policy=settings["fgfi_levels"], adapter=settings["fgfi_adapter"],
-            sparse_adaptation=settings["fgfi_sparse"], who="FGFITrainer").to(next(student_model.parameters()).device)
+        self.fgfi = FeatureImitation(channels, imitation_settings(settings), who="FGFITrainer").to(
+            next(student_model.parameters()).device)
+        self.finder = YoloFinder(student_model.stride, settings["fgfi_anchor_scale"], settings["fgfi_anchor_ratios"])
+        # The last training step's ImitationResult: FGFITrainer's per-epoch log reads it after each batch
+        # (Ultralytics' trainer takes only the loss and its items from a step).
         self.last_imitation = None
-        # fixed for the model's life: read once, so no step reads a device tensor back to the host
-        self.strides = [float(x) for x in student_model.stride]
-        self._anchors: dict = {}  # (feature sizes, device) -> anchors per level, made once per input size
+
+    @property
+    def strides(self) -> list:
+        return self.finder.strides
 
     def __getstate__(self):
         state = super().__getstate__()
         state["last_imitation"] = None  # the last step's masks and losses: not for checkpoints
-        state["_anchors"] = {}
         return state
 
     def __setstate__(self, state):
@@ -212,12 +227,7 @@ class FGFIDistillationModel(DistillationModel):
             n = len(self.feats_idx) - 1
             s_feats = [self.decouple_outputs(self._student_feats[i]) for i in range(n)]
             t_feats = [self.decouple_outputs(self._teacher_feats[i]) for i in range(n)]
-            H, W = batch["img"].shape[-2:]
-            key = (tuple(tuple(f.shape[-2:]) for f in s_feats), s_feats[0].device)
-            if key not in self._anchors:  # multi_scale changes the size between batches
-                self._anchors[key] = point_anchors(s_feats, self.strides, self.fgfi_settings["fgfi_anchor_scale"],
-                                                   self.fgfi_settings["fgfi_anchor_ratios"])
-            result = core(s_feats, t_feats, self._anchors[key], yolo_boxes(batch, H, W), (H, W),
+            result = core(s_feats, t_feats, *self.finder.find(batch, [f.shape[-2:] for f in s_feats]),
                           names=(f"student layer {self.feats_idx[:n]}", f"teacher layer {self.teacher_feats_idx[:n]}"))
         core.step()
         self._student_feats.clear()
@@ -268,7 +278,7 @@ class FGFITrainer(DetectionTrainer):
             changed = {k: self.fgfi[k] for k in sorted(self._fgfi_given) if self.fgfi[k] != saved.get(k)}
             if changed:
                 LOGGER.warning(f"FGFITrainer: resume keeps the run's FGFI settings; ignoring {changed}")
-            self.fgfi = saved
+            self.fgfi = fgfi_settings(saved)[0]  # checked again; keys added since it was saved take their defaults
         else:
             ckpt = super().setup_model()
             student = self.model
@@ -287,13 +297,16 @@ class FGFITrainer(DetectionTrainer):
         super()._setup_train()
         core = self._core()
         iterations = len(self.train_loader) * self.epochs
-        if self.fgfi["fgfi_warmup"] is None:
-            core.warmup_iters = min(400, iterations // 10)
+        core.total_iterations = iterations  # for the automatic warm-up (fgfi_warmup=None)
         # Ultralytics resumes at an epoch boundary: the imitation's iteration counter follows it
         core.iteration = self.start_epoch * len(self.train_loader)
+        from ultralytics.utils import RANK
+
+        self._fgfi_log = RunLog(self.save_dir / "fgfi.csv", key="epoch", start=self.start_epoch, main=RANK in {-1, 0})
+        s = core.settings
         LOGGER.info(f"FGFI: warm-up {core.warmup_iters} of {iterations} iterations (from {core.iteration}); "
-                    f"lambda {core.imitation_weight}, psi {core.thresh}, mask {core.mask_mode}, levels "
-                    f"{core.level_policy}, anchors {self.fgfi['fgfi_anchor_scale']} x stride, ratios "
+                    f"lambda {s.imitation_weight}, psi {s.params.thresh}, mask {s.params.mask_mode}, levels "
+                    f"{s.params.level_policy}, anchors {self.fgfi['fgfi_anchor_scale']} x stride, ratios "
                     f"{self.fgfi['fgfi_anchor_ratios']}, channels "
                     f"{[(a.conv.in_channels, a.conv.out_channels) for a in core.adapters]}")
 
@@ -337,28 +350,21 @@ class FGFITrainer(DetectionTrainer):
             LOGGER.info(f"FGFI epoch {trainer.epoch + 1}: warm-up (no imitation yet)")
             return
         loss, num_pos = torch.stack(rows).mean(dim=0).tolist()  # per level, mean over the epoch's steps
-        levels = len(loss)
         LOGGER.info(f"FGFI epoch {trainer.epoch + 1}: imitation loss per level {[round(x, 4) for x in loss]}, "
                     f"N_p per level (mean per batch) {[round(x, 1) for x in num_pos]}")
-        path = trainer.save_dir / "fgfi.csv"
-        new = not path.exists()
-        with open(path, "a") as f:
-            if new:
-                f.write(",".join(["epoch"] + [f"loss_l{i}" for i in range(levels)] + [f"num_pos_l{i}" for i in range(levels)]) + "\n")
-            f.write(",".join(str(x) for x in [trainer.epoch + 1, *loss, *num_pos]) + "\n")
+        trainer._fgfi_log.log({"epoch": trainer.epoch + 1, **{f"loss_l{i}": v for i, v in enumerate(loss)},
+                               **{f"num_pos_l{i}": v for i, v in enumerate(num_pos)}})
 
 
 def yolo_masks(batch: dict, strides: Sequence[float], **settings) -> list:
     """The imitation masks (bool [B, H/stride, W/stride] per level) FGFITrainer would use on
     ``batch`` (after Ultralytics' preprocessing) for a model of these strides; ``settings``: fgfi_*."""
     s, _ = fgfi_settings(settings)
+    finder = YoloFinder(strides, s["fgfi_anchor_scale"], s["fgfi_anchor_ratios"])
     H, W = batch["img"].shape[-2:]
-    stand_ins = [batch["img"].new_empty(1, 1, math.ceil(H / st), math.ceil(W / st)) for st in strides]
-    anchors, boxes, size = yolo_levels(stand_ins, batch, strides, s["fgfi_anchor_scale"], s["fgfi_anchor_ratios"])
-    from ..distill.core import imitation_masks
-
-    return imitation_masks(anchors, boxes, [f.shape[-2:] for f in stand_ins], size, mask_mode=s["fgfi_mask"],
-                           level_policy=s["fgfi_levels"], thresh=s["fgfi_psi"])
+    sizes = [(math.ceil(H / st), math.ceil(W / st)) for st in finder.strides]
+    anchors, boxes, size = finder.find(batch, sizes)
+    return imitation_masks(anchors, boxes, sizes, size, imitation_settings(s).params)
 
 
 def write_mask_pictures(data: str, folder, *, model: str = "yolo26n.yaml", imgsz: int = 640, images: int = 4,
@@ -381,12 +387,12 @@ def write_mask_pictures(data: str, folder, *, model: str = "yolo26n.yaml", imgsz
     batch = ds.collate_fn([ds[i] for i in range(min(images, len(ds)))])
     batch["img"] = batch["img"].float() / 255
     masks = yolo_masks(batch, strides, **settings)
-    boxes = yolo_boxes(batch, *batch["img"].shape[-2:])
+    gt = yolo_boxes(batch, *batch["img"].shape[-2:])
     folder = Path(folder)
     paths = []
     for i in range(batch["img"].shape[0]):
         labels = batch["cls"].view(-1)[batch["batch_idx"].view(-1) == i].long()
         paths.append(overlay_masks(batch["img"][i], [m[i] for m in masks], folder / f"{Path(batch['im_file'][i]).stem}_masks.png",
-                                   boxes=boxes[i], labels=labels, class_names=[info["names"][k] for k in sorted(info["names"])],
+                                   boxes=gt.boxes[i, : int(gt.counts[i])], labels=labels, class_names=[info["names"][k] for k in sorted(info["names"])],
                                    title=Path(batch["im_file"][i]).name))
     return paths

@@ -1,5 +1,6 @@
-"""Input generators shared by the tests and the benchmarks: anchors laid out like torchvision's
-AnchorGenerator, random ground-truth boxes, and FGFI-like masks."""
+"""Synthetic inputs for the ops and benchmarks: anchors laid out like torchvision's AnchorGenerator,
+random ground-truth boxes, and FGFI-like masks (what `fgd bench`, the README's examples and the
+tests feed the ops)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .ops import imitation_mask
 
 
 def grid_anchors(
@@ -99,8 +102,6 @@ def imitation_mask_at_density(
 ) -> Tensor:
     """Real FGFI masks (bool [B, H, W]) covering about `density` of each image: random GT boxes
     are added to an image until fgd.imitation_mask (psi 0.5, anchors 32-256 px) turns on that much."""
-    from .ops import imitation_mask
-
     H, W = feat_size
     image = (H * stride, W * stride)
     anchors = grid_anchors(feat_size, stride, sizes=(32, 64, 128, 256))
@@ -115,16 +116,3 @@ def imitation_mask_at_density(
             boxes = torch.cat([boxes, random_boxes(1, image, 16, side, generator)])
             out[b] = imitation_mask(anchors, boxes[None], torch.tensor([len(boxes)]), feat_size)[0]
     return out
-
-
-# ---- tiny torchvision detectors (random weights, no downloads) ---------------------------------
-
-def tiny_detector(kind: str = "fasterrcnn", depth: int = 18, out_channels: int = 64, num_classes: int = 4,
-                  image_size: int = 96, layers=(2, 3, 4)):
-    """fgd.models.build_detector with small heads, for tests and quick benchmarks: ResNet-``depth``
-    FPN on the given stages (layer2: stride 8) plus a pool level, anchors 8 px at stride 8, doubling."""
-    from .models import build_detector
-
-    return build_detector(f"resnet{depth}-fpn", num_classes, image_size, detector=kind, fpn_channels=out_channels,
-                          anchor_sizes=tuple(8 * 2 ** (k - 2) for k in layers), box_head=128, rois_per_image=64,
-                          rpn_samples=64, layers=tuple(layers))

@@ -165,8 +165,9 @@ inline void poison_shared(std::mt19937_64& rng) {
 
 #if !defined(FGD_EMU_THREADS)
 // ---- fibers ----------------------------------------------------------------------------------
-// glibc's swapcontext makes a system call per switch (~0.5 us in a sandbox); on x86-64 a switch of
-// the callee-saved registers alone costs a few ns. Other targets (or FGD_EMU_UCONTEXT) use ucontext.
+// glibc's swapcontext makes a system call per switch; on x86-64 a switch of the callee-saved
+// registers alone is far cheaper (benchmarks/RESULTS.md, the emulator). Other targets (or
+// FGD_EMU_UCONTEXT) use ucontext.
 #if !defined(FGD_EMU_USE_UCONTEXT)
 extern "C" void fgd_emu_switch(void** save_sp, void* next_sp);
 // Saves the callee-saved registers, MXCSR and the x87 control word on the current stack, stores
@@ -519,7 +520,7 @@ void run_blocks(const char* kernel, const Body& body, std::mt19937_64& rng) {
 // Launches so far: with the seed, what the thread and block orders of the next launch derive from.
 inline std::atomic<uint64_t> launch_count{0};
 
-// FGD_LAUNCH(grid, block, stream, kernel)(args...) under the emulator (see common.cuh).
+// FGD_LAUNCH(grid, block, stream, kernel)(args...) under the emulator (see runtime.h).
 template <typename... P>
 class Launch {
  public:
@@ -550,7 +551,7 @@ class Launch {
 template <typename G, typename B, typename... P>
 Launch(const char*, G, B, void (*)(P...)) -> Launch<P...>;
 
-// What common.cuh's FGD_LAUNCH expands to here, for emulator-only code.
+// What FGD_LAUNCH expands to here (runtime.h); emulator-only code calls it directly.
 #define FGD_EMU_LAUNCH(grid, block, ...) ::fgd::emu::Launch(#__VA_ARGS__, (grid), (block), __VA_ARGS__)
 
 template <typename T>
@@ -611,7 +612,7 @@ inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v
   template <typename... A>                                                                      \
   void name(A...) {                                                                             \
     static_assert(::fgd::emu::not_emulated<A...>::value,                                        \
-                  "fgd emu: " #name " is not emulated (csrc/cuda/emu.h lists what is)");         \
+                  "fgd emu: " #name " is not emulated (csrc/emulator/emu.h lists what is)");     \
   }
 FGD_EMU_NOT_EMULATED(__syncwarp)
 FGD_EMU_NOT_EMULATED(__syncthreads_count)
