@@ -139,37 +139,44 @@ def teacher_config(cfg: TrainConfig) -> TrainConfig:
         val_split_file=None, allow_changes=None)
 
 
-def train_teacher(cfg: TrainConfig) -> Optional[nn.Module]:
-    """The teacher ``cfg`` distils from, or None when it does not distil: its checkpoint, or, without
-    one, a teacher trained from scratch by a run of its own (``teacher_config``), reused when that run
-    (same settings) finished, resumed when it was killed."""
+def train_teacher(cfg: TrainConfig) -> Optional[str]:
+    """The checkpoint of the teacher ``cfg`` distils from (None when it does not distil): its
+    teacher_checkpoint, or, without one, the final weights of a teacher trained from scratch by a run
+    of its own (``teacher_config``), reused when that run (same settings) finished, resumed when it
+    was killed."""
     if not cfg.distill:
         return None
     if cfg.teacher_checkpoint:
-        teacher, c, _ = load_detector(cfg.teacher_checkpoint)
-        if c["image_size"] != cfg.image_size:
-            raise RunError(f"teacher checkpoint {cfg.teacher_checkpoint} was trained at image_size "
-                           f"{c['image_size']}, this run uses {cfg.image_size}: the two transforms must match")
-        return teacher
+        return cfg.teacher_checkpoint
     tcfg = teacher_config(cfg)
     tid = run_id(dataclasses.asdict(tcfg))
     final = Path(tcfg.output_dir) / "final.pt"
     if final.exists() and load_checkpoint(final).get("run_id") == tid:
-        return load_detector(final)[0]
+        return str(final)
     # resume this teacher's own run if it was killed; another teacher's checkpoints are set aside
     own = bool(checkpoints(Path(tcfg.output_dir) / "checkpoints", tid))
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("training the teacher (%s) from scratch for %d iterations in %s",
                  tcfg.student_arch, tcfg.iterations, tcfg.output_dir)
-    return run(dataclasses.replace(tcfg, resume=own))["model"]
+    return run(dataclasses.replace(tcfg, resume=own))["final"]
 
 
-def build_model(cfg: TrainConfig, num_classes: int, teacher: Optional[nn.Module]) -> nn.Module:
-    """The student alone, or the student inside a Distiller around its (frozen) teacher."""
+def load_teacher(path: str, cfg: TrainConfig) -> nn.Module:
+    teacher, c, _ = load_detector(path)
+    if c["image_size"] != cfg.image_size:
+        raise RunError(f"teacher checkpoint {path} was trained at image_size {c['image_size']}, this run "
+                       f"uses {cfg.image_size}: the two transforms must match")
+    return teacher
+
+
+def build_model(cfg: TrainConfig, num_classes: int, teacher: Optional[str]) -> nn.Module:
+    """The student alone, or the student inside a Distiller around its (frozen) teacher, read from
+    the checkpoint ``teacher``. Read here, after the student is built, whether it was trained just
+    now or long ago: the run's random numbers are then the same either way."""
     student = build_student(cfg, num_classes)
     if not cfg.distill:
         return student
-    return Distiller(teacher, student, cfg.imitation, total_iterations=cfg.iterations)
+    return Distiller(load_teacher(teacher, cfg), student, cfg.imitation, total_iterations=cfg.iterations)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -225,15 +232,14 @@ def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, dist: Dist, run
 
 def train(cfg: TrainConfig) -> dict:
     """Trains ``cfg``'s teacher when it needs one from scratch (``train_teacher``), then runs (or
-    resumes) ``cfg`` itself (``run``); returns {"final": path, "metrics": dict or None, "model": the
-    trained student}."""
+    resumes) ``cfg`` itself (``run``); returns {"final": path, "metrics": dict or None}."""
     cfg.check()
     return run(cfg, train_teacher(cfg))
 
 
-def run(cfg: TrainConfig, teacher: Optional[nn.Module] = None) -> dict:
-    """Runs (or resumes) one training, distilling from ``teacher`` when ``cfg.distill``; returns
-    {"final": path, "metrics": dict or None, "model": the trained student}."""
+def run(cfg: TrainConfig, teacher: Optional[str] = None) -> dict:
+    """Runs (or resumes) one training, distilling from the teacher checkpoint ``teacher`` when
+    ``cfg.distill``; returns {"final": path, "metrics": dict or None}."""
     cfg.check()
     if cfg.distill and teacher is None:
         raise ValueError("run: a distilled run needs its teacher (train_teacher(cfg) gives it)")
@@ -320,4 +326,4 @@ def run(cfg: TrainConfig, teacher: Optional[nn.Module] = None) -> dict:
                 {k: v for k, v in metrics.items() if k != "summary"}, indent=2))
     if dist.world > 1:
         torch.distributed.barrier()
-    return {"final": str(final), "metrics": metrics, "model": student}
+    return {"final": str(final), "metrics": metrics}
