@@ -15,7 +15,6 @@ import os
 import pickle
 import random
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,12 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distill.settings import short
+from .files import RunError, aside_name, remove_temp_files, write_atomic  # noqa: F401  (RunError: imported from here)
+
 log = logging.getLogger("fgd")
-
-
-
-class RunError(RuntimeError):
-    """A reason a run cannot go on that the user can act on; `fgd` prints it as one line."""
 
 
 # Settings that do not change what a run computes: a resume may change them freely.
@@ -80,40 +77,19 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-_TMP = ".{name}.tmp{pid}"
-
-
 def save_atomic(obj, path: Path):
-    """Write to a temporary file in the same folder, then os.replace: a reader (or a resume after a
-    kill) sees the old file or the new one, never half of one. A failed write (disk full, file too
-    large, the path a folder) removes its partial file, leaves the previous file as it was and
-    raises RunError; a kill leaves the temporary file, which the next start removes."""
-    tmp = path.with_name(_TMP.format(name=path.name, pid=os.getpid()))
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise RunError(f"could not write {path}: {e}; nothing was replaced (the previous file, if any, is "
-                       "intact)") from e
+    """torch.save through ``write_atomic``: the old file or the new one, never part of one; a failed
+    write raises RunError (a FileError) and keeps the previous file."""
+    def save(f):
+        torch.save(obj, f)
+
+    write_atomic(path, save)
 
 
-def remove_temp_files(folder: Path) -> int:
-    """Delete the temporary files that killed or failed writes left in ``folder``; returns how many."""
-    removed = 0
-    for tmp in folder.glob(".*.tmp*"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def load_checkpoint(path, required=("config",)) -> dict:
+def load_checkpoint(path, required=("config",), mmap: bool = False) -> dict:
     """The dict an fgd checkpoint holds, loaded as data; RunError in one line naming the file and
-    what was expected when it is missing, empty, truncated, foreign or would need code to load."""
+    what was expected when it is missing, empty, truncated, foreign or would need code to load.
+    ``mmap``: map the tensors' storage rather than read it (to look at the plain values only)."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint {path} {'is a directory' if path.is_dir() else 'does not exist'}")
@@ -121,7 +97,7 @@ def load_checkpoint(path, required=("config",)) -> dict:
         raise RunError(f"checkpoint {path} is empty (0 bytes): an interrupted copy? Expected a .pt file written "
                        "by fgd train")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # zip/pickle readers raise several types for a truncated or foreign file
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         code = next((line for line in lines if "GLOBAL" in line or "global" in line), None)
@@ -170,41 +146,83 @@ def _differences(old: dict, new: dict) -> dict:
     return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 
 
-def checkpoint_to_resume(ckpt_dir: Path, config: dict) -> tuple:
-    """(path, checkpoint) to resume, or (None, None) to start fresh. This run's newest checkpoint;
-    else another run's only if the settings that differ are all in config["allow_changes"]."""
-    rid = run_id(config)
-    path, ckpt = load_latest(ckpt_dir, rid)
-    if ckpt is not None or not checkpoints(ckpt_dir):
-        return path, ckpt
-    path, ckpt = load_latest(ckpt_dir)
-    if ckpt is None:
-        return None, None
-    diff = _differences(ckpt["config"], config)
-    allowed = {k.strip() for k in (config.get("allow_changes") or "").split(",") if k.strip()}
-    refused = {k: v for k, v in diff.items() if k not in allowed and "*" not in allowed}
-    if refused:
-        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in refused.items())
-        raise RunError(f"--resume: the newest checkpoint in {ckpt_dir} ({path.name}) belongs to another run: "
-                       f"{listed}. To continue it with the new settings pass --allow-changes "
-                       f"{','.join(refused)}; to start this run afresh, use another --output-dir or drop --resume")
-    log.warning("resuming %s, a run with other settings (%s), as --allow-changes permits", path.name,
-                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-    return path, ckpt
+def resume_candidates(ckpt_dir: Path, config: dict) -> list:
+    """The checkpoints ``--resume`` may continue, newest first: this run's; without any, another
+    run's, only if the settings that differ are all in config["allow_changes"] (RunError naming
+    them otherwise)."""
+    own = checkpoints(ckpt_dir, run_id(config))
+    if own:
+        return own[::-1]
+    others = checkpoints(ckpt_dir)[::-1]
+    for i, path in enumerate(others):  # the newest one that reads decides
+        try:
+            saved = load_checkpoint(path)["config"]
+            if not isinstance(saved, dict):
+                raise RunError(f"{path} holds no settings (its config is a {type(saved).__name__})")
+        except RunError as e:
+            log.error("%s; falling back to the previous checkpoint", e)
+            continue
+        diff = _differences(saved, config)
+        allowed = {k.strip() for k in (config.get("allow_changes") or "").split(",") if k.strip()}
+        refused = {k: v for k, v in diff.items() if k not in allowed and "*" not in allowed}
+        if refused:
+            listed = "; ".join(f"{k}: {short(a)} in the checkpoint, {short(b)} now" for k, (a, b) in refused.items())
+            raise RunError(f"--resume: the newest checkpoint in {ckpt_dir} ({path.name}) belongs to another run: "
+                           f"{listed}. To continue it with the new settings pass --allow-changes "
+                           f"{','.join(refused)}; to start this run afresh, use another --output-dir or drop --resume")
+        log.warning("resuming %s, a run with other settings (%s), as --allow-changes permits", path.name,
+                    ", ".join(f"{k}: {short(a)} -> {short(b)}" for k, (a, b) in diff.items()))
+        return others[i:]
+    return []
 
 
-def set_aside_old_checkpoints(ckpt_dir: Path) -> None:
-    """A fresh run starts with no checkpoints beside it: earlier ones are moved (never deleted) to
-    a folder of their own, so that pruning and a later --resume can only meet this run's."""
-    old = checkpoints(ckpt_dir)
-    if not old:
-        return
-    aside = ckpt_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-    aside.mkdir(exist_ok=True)
-    for path in old:
-        os.replace(path, aside / path.name)
-    log.warning("a fresh run in %s: moved %d checkpoints of an earlier run to %s (pass --resume to "
-                "continue a run instead)", ckpt_dir, len(old), aside)
+def resume(state: "TrainState", ckpt_dir: Path, config: dict, rank: int = 0) -> Optional[Path]:
+    """Loads the newest checkpoint ``--resume`` may continue (``resume_candidates``) into ``state``;
+    one that is corrupt or of another shape is reported and the previous one tried. Returns its path,
+    or None when none fits (the run starts fresh)."""
+    for path in resume_candidates(ckpt_dir, config):
+        try:
+            ckpt = load_checkpoint(path, ("model", "iteration", "config"))
+            state.check(ckpt, path)
+        except RunError as e:
+            log.error("%s; falling back to the previous checkpoint", e)
+            continue
+        try:
+            state.load_state_dict(ckpt, rank)
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            # past the checks the state may be half loaded: no fallback, one line
+            raise RunError(f"cannot resume from {path}: {short(str(e), 200)}") from None
+        return path
+    return None
+
+
+# What a run writes in its folder besides checkpoints/ (a fresh run moves an earlier run's aside)
+RUN_OUTPUTS = ("final.pt", "config.json", "log.csv", "metrics.json", "eval.json", "tb")
+
+
+def set_aside_earlier_run(out: Path, rid: str) -> Optional[Path]:
+    """A fresh run starts in a folder holding no earlier run's files: its checkpoints and outputs
+    (``RUN_OUTPUTS``) are moved (never deleted) to ``out/previous-<time>/``, said in one line, so
+    that pruning, a later --resume and this run's final.pt only ever meet this run's. The logs of
+    this run (``rid``) killed before it finished or checkpointed are its own: they stay."""
+    out = Path(out)
+    try:
+        own = json.loads((out / "config.json").read_text()).get("run_id") == rid
+    except (OSError, ValueError, AttributeError):
+        own = False
+    if own and not (out / "final.pt").exists() and not checkpoints(out / "checkpoints"):
+        return None
+    found = [out / "checkpoints" / p.name for p in checkpoints(out / "checkpoints")]
+    found += [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not found:
+        return None
+    aside = aside_name(out / "previous")
+    (aside / "checkpoints").mkdir(parents=True)
+    for path in found:
+        os.replace(path, aside / path.relative_to(out))
+    log.warning("a fresh run in %s: moved %d files of an earlier run to %s (pass --resume to continue a run "
+                "instead)", out, len(found), aside)
+    return aside
 
 
 @dataclass
@@ -226,6 +244,39 @@ class TrainState:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.iteration, "epoch": self.epoch, "position": self.position, "rng": rng,
                 "config": config, "run_id": run_id(config), **extra}
+
+    def check(self, ckpt: dict, path) -> None:
+        """RunError naming ``path`` and the first thing that does not fit this state, before anything
+        is loaded (a checkpoint of another shape never leaves the state half loaded)."""
+        def bad(what):
+            return RunError(f"cannot resume from {path}: {what}")
+
+        for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict), ("scaler", dict),
+                          ("iteration", int), ("epoch", int), ("position", int), ("rng", list), ("config", dict)):
+            if key not in ckpt:
+                raise bad(f"it has no {key!r} entry")
+            value = ckpt[key]
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+                raise bad(f"its {key!r} is {short(value)}, not a {'count' if kind is int else kind.__name__}")
+        module = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        want, got = module.state_dict(), ckpt["model"]
+        if set(want) != set(got):
+            missing, extra = sorted(set(want) - set(got), key=str), sorted(set(got) - set(want), key=str)
+            raise bad(f"its model is another architecture ({len(missing)} weights missing, e.g. "
+                      f"{(missing or ['-'])[0]}; {len(extra)} unexpected, e.g. {short((extra or ['-'])[0])})")
+        for name, t in want.items():
+            g = got[name]
+            if not torch.is_tensor(g) or g.is_meta or g.shape != t.shape or g.dtype != t.dtype:
+                what = (f"a {type(g).__name__}" if not torch.is_tensor(g) else "a meta tensor (no data)"
+                        if g.is_meta else f"{g.dtype} {tuple(g.shape)}")
+                raise bad(f"its weight {name} is {what}, this model's is {t.dtype} {tuple(t.shape)}")
+        groups = ckpt["optimizer"].get("param_groups")
+        sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
+                 for g in groups] if isinstance(groups, list) else None
+        if sizes != [len(g["params"]) for g in self.optimizer.state_dict()["param_groups"]]:
+            raise bad("its optimizer holds other parameter groups than this run's (another model or optimizer)")
+        if not ckpt["rng"]:
+            raise bad("it holds no random-number states")
 
     def load_state_dict(self, ckpt: dict, rank: int) -> None:
         self.model.load_state_dict(ckpt["model"])

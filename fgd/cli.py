@@ -20,17 +20,39 @@ from pathlib import Path
 log = logging.getLogger("fgd")
 
 
+def _yaml_without_aliases():
+    """PyYAML's safe loader, refusing aliases: ten nested ones (a "billion laughs" of 479 bytes)
+    expand to gigabytes, and a settings file has no use for them."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: an alias (*name); fgd's settings files take none")
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
 def _load_config_file(path: str) -> dict:
-    text = Path(path).read_text()
+    p = Path(path)
+    if not p.is_file():  # a folder, a FIFO (would block forever) or nothing
+        what = "does not exist" if not p.exists() else "is a folder" if p.is_dir() else "is not a regular file"
+        raise SystemExit(f"fgd: config {path} {what}")
     try:
+        text = p.read_text(encoding="utf-8")
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_yaml_without_aliases()) or {}
         else:
             data = json.loads(text)
-    except Exception as e:
-        raise SystemExit(f"fgd: cannot read config {path}: {e}")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"fgd: cannot read config {path}: not UTF-8 text (byte {e.start})")
+    except (Exception, RecursionError) as e:  # yaml/json errors, deep nesting, integers past Python's limit
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise SystemExit(f"fgd: cannot read config {path}: {text[:300]}")
     if not isinstance(data, dict):
         raise SystemExit(f"fgd: config {path} must hold a mapping of settings, got {type(data).__name__}")
     return data
@@ -57,6 +79,15 @@ def cmd_train(args):
     print(f"fgd train: final weights in {result['final']}")
 
 
+def _check_not_an_input(out: Path, prog: str, *inputs) -> None:
+    """An output never replaces an input (a checkpoint, an annotation file, ...)."""
+    from .files import same_file
+
+    for given in inputs:
+        if given and same_file(out, given):
+            raise SystemExit(f"{prog}: --out {out} is one of the inputs ({given}); give another file name")
+
+
 def _check_writable(path: Path, prog: str) -> None:
     """SystemExit naming ``path`` unless a file can be written there (an existing file is left as is)."""
     if path.is_dir():
@@ -73,7 +104,7 @@ def _check_writable(path: Path, prog: str) -> None:
         path.unlink()
 
 
-def _check_classes(model, class_names, json_path):
+def _check_classes(class_names, json_path):
     """Label i of the model must be category i of the file (categories in id order): otherwise every
     detection is scored as another class and the mAP is wrong without a word."""
     from .data.coco import coco_class_names, load_coco_json
@@ -82,17 +113,12 @@ def _check_classes(model, class_names, json_path):
         names = coco_class_names(load_coco_json(json_path))
     except ValueError as e:
         raise SystemExit(f"fgd eval: {e}")
-    if class_names is not None:
-        if list(class_names) != names:
-            raise SystemExit(f"fgd eval: the checkpoint's classes {list(class_names[1:])} do not match the "
-                             f"categories of {json_path} {names[1:]} (in category id order)")
-        return
-    # a checkpoint that keeps no names (an older one): compare the number of classes at least
-    heads = getattr(model, "roi_heads", None)
-    n = heads.box_predictor.cls_score.out_features if heads is not None else model.head.classification_head.num_classes
-    if n != len(names):
-        raise SystemExit(f"fgd eval: the checkpoint has {n - 1} classes, {json_path} has {len(names) - 1} "
-                         f"categories {names[1:]}")
+    if class_names is None:
+        raise SystemExit(f"fgd eval: the checkpoint records no class names, so its labels cannot be matched to "
+                         f"the categories of {json_path}; evaluate a final.pt written by fgd train")
+    if list(class_names) != names:
+        raise SystemExit(f"fgd eval: the checkpoint's classes {list(class_names[1:])} do not match the "
+                         f"categories of {json_path} {names[1:]} (in category id order)")
 
 
 def _check_annotation_flags(args, prog):
@@ -112,7 +138,7 @@ def _dataset_for_eval(args, prog, class_names, model):
             return VocDetection(args.voc, args.images, split_file=args.split_file,
                                 classes=class_names[1:] if class_names else None)
         if model is not None:
-            _check_classes(model, class_names, args.json)
+            _check_classes(class_names, args.json)
         return CocoDetection(args.images, args.json)
     except (ValueError, FileNotFoundError) as e:  # a bad file or folder: one line naming it
         raise SystemExit(f"{prog}: {e}")
@@ -124,19 +150,23 @@ def cmd_eval(args):
     from .config import TrainConfig
     from .engine import Dist, make_loader
     from .evaluate import evaluate
+    from .files import move_aside, write_atomic
     from .models import load_detector
 
     _check_annotation_flags(args, "fgd eval")
-    device = torch.device(args.device)
-    model, c, class_names = load_detector(args.checkpoint, device)
     out = Path(args.out or Path(args.checkpoint).with_name("eval.json"))
+    _check_not_an_input(out, "fgd eval", args.checkpoint, args.json, args.split_file)
     _check_writable(out, "fgd eval")  # before the long work, not after it
+    device = args.device or _device("cuda" if torch.cuda.is_available() else "cpu")
+    model, c, class_names = load_detector(args.checkpoint, device)
     ds = _dataset_for_eval(args, "fgd eval", class_names, model)
     cfg = TrainConfig(batch_size=args.batch_size, num_workers=args.num_workers)
     metrics = evaluate(model, make_loader(ds, cfg, Dist(device=device), train=False)[1])
     print(metrics["summary"])
     print(f"images/s: {metrics['img/s']:.1f}")
-    out.write_text(json.dumps({k: v for k, v in metrics.items() if k != "summary"}, indent=2))
+    if out.exists():  # an earlier evaluation is a result too: moved aside, not overwritten
+        move_aside(out, "an earlier evaluation")
+    write_atomic(out, json.dumps({k: v for k, v in metrics.items() if k != "summary"}, indent=2))
     print(f"fgd eval: saved {out}")
 
 
@@ -229,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     _annotation_flags(e)
     e.add_argument("--out", help="metrics JSON (default: eval.json beside the checkpoint)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--num-workers", type=int, default=0)
-    e.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    e.add_argument("--batch-size", type=_count(1), default=8)
+    e.add_argument("--num-workers", type=_count(0), default=0)
+    e.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("viz", help="imitation masks (and detections) over images, as PNGs")
@@ -239,10 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="runs/viz")
     v.add_argument("--checkpoint", help="an fgd checkpoint: its architecture and anchors (and detections)")
     v.add_argument("--arch", default="resnet18-fpn", help="without --checkpoint: whose anchors to use")
-    v.add_argument("--image-size", type=int, default=128)
-    v.add_argument("--num", type=int, default=8, help="how many images")
+    v.add_argument("--image-size", type=_count(33), default=128)
+    v.add_argument("--num", type=_count(1), default=8, help="how many images")
     v.add_argument("--detections", action="store_true", help="also draw the checkpoint's detections")
-    v.add_argument("--thresh", type=float, default=0.5)
+    v.add_argument("--thresh", type=_fraction, default=0.5)
     v.add_argument("--level-policy", default="assigned", choices=LEVEL_POLICIES)
     v.add_argument("--mask-mode", default="fgfi", choices=MASK_MODES)
     v.set_defaults(func=cmd_viz)
@@ -266,10 +296,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cuda() -> bool:
+def _count(low: int):
+    """An argparse type: an integer >= ``low`` (argparse prints the one line)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    count.__name__ = "integer"
+    return count
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _device(text: str):
+    """An argparse type: a torch device this machine has."""
     import torch
 
-    return torch.cuda.is_available()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: fgd runs on cpu or cuda")
+    return device
 
 
 def main(argv=None):
@@ -280,13 +346,37 @@ def main(argv=None):
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from .checkpoint import RunError
-    from .distill import SettingsError
-
     try:
         return args.func(args) or 0
-    except (RunError, SettingsError) as e:  # a reason the user can act on (ConfigError is one): one line
-        raise SystemExit(f"fgd {args.command}: {e}") from None
+    except Exception as e:
+        reason = _reason(e)
+        if reason is None:  # a bug: its traceback
+            raise
+        raise SystemExit(f"fgd {args.command}: {reason}") from None
+
+
+def _reason(e: Exception):
+    """The one line for a failure the user can act on, or None (a bug keeps its traceback)."""
+    import torch
+
+    from .data import BadImageError
+    from .distill import SettingsError
+    from .files import RunError
+
+    if isinstance(e, (RunError, SettingsError)):  # ConfigError and FileError are ones
+        return str(e)
+    if isinstance(e, BadImageError):
+        # raised in a DataLoader worker it arrives as "Caught ... Original Traceback ...": its last line
+        # is the original "fgd.data....BadImageError: <message>"
+        last = str(e).strip().splitlines()[-1]
+        return last.split("BadImageError: ", 1)[-1]
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+            isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"out of memory ({first[:200]}); lower --image-size or --batch-size"
+    if isinstance(e, OSError):  # a file the user named: disk full, permissions, ...
+        return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+    return None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .distill import settings as imitation
-from .distill.settings import ImitationSettings, SettingsError
+from .distill.settings import ImitationSettings, SettingsError, short
 
 
 class ConfigError(SettingsError):
@@ -64,12 +64,12 @@ def _check_settings(cls, values: dict, skip=()) -> None:
         ok = isinstance(value, (int, float) if kind is float else kind)
         if not ok or (kind is not bool and isinstance(value, bool)):
             raise ConfigTypeError(f"config: {name} must be {words[kind]}{' or null' if optional else ''}, "
-                                  f"got {value!r} ({type(value).__name__}){imitation.yaml_tip(kind, value)}")
+                                  f"got {short(value)} ({type(value).__name__}){imitation.yaml_tip(kind, value)}")
         if kind is float and not math.isfinite(value):
-            raise ConfigError(f"config: {name} must be a finite number, got {value!r}")
+            raise ConfigError(f"config: {name} must be a finite number, got {short(value)}")
         test, allowed = _RANGES.get(name, (None, None)) if kind in (int, float) else (None, None)
         if test is not None and not test(value):
-            raise ConfigError(f"config: {name} must be {allowed}, got {value!r}")
+            raise ConfigError(f"config: {name} must be {allowed}, got {short(value)}")
 
 
 def _from_dict(cls, d: dict, skip=()):
@@ -78,7 +78,7 @@ def _from_dict(cls, d: dict, skip=()):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names, key=str)
     if unknown:
-        raise ConfigError(f"config: unknown keys {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"config: unknown keys {short(unknown, 200)}; known: {sorted(names)}")
     _check_settings(cls, d, skip)
     return cls(**d)
 
@@ -194,20 +194,28 @@ class TrainConfig:
             if getattr(self, split) and not source:
                 raise ConfigError(f"config: {split} selects files of a VOC folder: give {split[:-11]}_voc too")
         if self.classes is not None and not [c for c in self.classes.split(",") if c.strip()]:
-            raise ConfigError(f"config: classes must name at least one class, got {self.classes!r}")
+            raise ConfigError(f"config: classes must name at least one class, got {short(self.classes)}")
         if self.amp not in (None, "bf16", "fp16"):
-            raise ConfigError(f"config: amp must be bf16, fp16 or unset, got {self.amp!r}")
+            raise ConfigError(f"config: amp must be bf16, fp16 or unset, got {short(self.amp)}")
         if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"config: optimizer must be sgd or adamw, got {self.optimizer!r}")
+            raise ConfigError(f"config: optimizer must be sgd or adamw, got {short(self.optimizer)}")
         if self.lr_schedule not in ("cosine", "step"):
-            raise ConfigError(f"config: lr_schedule must be cosine or step, got {self.lr_schedule!r}")
+            raise ConfigError(f"config: lr_schedule must be cosine or step, got {short(self.lr_schedule)}")
         from .models import ARCHS, DETECTORS
 
         for name, allowed in (("student_arch", ARCHS), ("detector", DETECTORS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.teacher_arch is not None and self.teacher_arch not in ARCHS:
-            raise ConfigError(f"config: teacher_arch must be one of {ARCHS}, got {self.teacher_arch!r}")
+            raise ConfigError(f"config: teacher_arch must be one of {ARCHS}, got {short(self.teacher_arch)}")
+        if self.allow_changes is not None:
+            names = {f.name for f in dataclasses.fields(self)}
+            given = [k.strip() for k in self.allow_changes.split(",") if k.strip()]
+            unknown = [k for k in given if k != "*" and k not in names]
+            if unknown or not given:
+                raise ConfigError(f"config: allow_changes must name settings (comma-separated, or *), got "
+                                  f"{', '.join(map(repr, unknown)) if unknown else repr(self.allow_changes)}: "
+                                  "not settings of fgd train")
         if self.distill and not (self.teacher_checkpoint or self.teacher_arch):
             raise ConfigError("config: distillation needs teacher_checkpoint or teacher_arch (or set distill: false)")
 

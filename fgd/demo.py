@@ -10,9 +10,10 @@ Finished runs are cached in the output folder (same settings -> reused; a killed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-import shutil
+import os
 import statistics
 import time
 from pathlib import Path
@@ -52,32 +53,64 @@ IMITATION = {"fgfi": ("student + FGFI", "fgfi"), "full": ("student + full-map im
              "gt_box": ("student + GT-box imitation", "gt_box")}
 
 
-def _same_config(run_dir: Path, cfg: TrainConfig) -> bool:
-    from .checkpoint import with_legacy_values
+# TrainConfig fields that name files: a demo run's identity holds them relative to the run's folder
+_PATHS = ("train_json", "train_images", "train_voc", "train_split_file", "val_json", "val_images", "val_voc",
+          "val_split_file", "teacher_checkpoint")
 
+
+def demo_id(config: dict, data: dict) -> str:
+    """What a demo run computes: the settings ``fgd train``'s run id holds (not threads, logging or
+    output), the validation set and the data's own settings (``data``), with every path relative to
+    the run's folder — the demo's data lives inside the demo folder, so a moved folder keeps its ids."""
+    from .checkpoint import run_identity, with_legacy_values
+
+    c = with_legacy_values(config)
+    here = str(c.get("output_dir"))
+    c = {k: os.path.relpath(v, here) if k in _PATHS and isinstance(v, str) else v for k, v in c.items()}
+    what = {**run_identity(c), **{k: c.get(k) for k in _PATHS}, "data": data}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _cached_id(run_dir: Path, data: dict):
+    """The demo id of the run finished in ``run_dir`` (None if none finished there)."""
     try:
-        saved = with_legacy_values(json.loads((run_dir / "config.json").read_text()))
-    except (OSError, ValueError):
-        return False
-    want = dataclasses.asdict(cfg)
-    return all(saved.get(k) == v for k, v in want.items() if k != "resume")
+        done = json.loads((run_dir / "metrics_full.json").read_text())
+        if not (run_dir / "final.pt").is_file():
+            return None
+        return done.get("demo_id") or demo_id(json.loads((run_dir / "config.json").read_text()), data)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
 
 
-def _run(cfg: TrainConfig, force: bool) -> tuple:
-    """(metrics, seconds of training + evaluation, cached?) of one run."""
+def _started_id(run_dir: Path, data: dict):
+    """The demo id of the run begun in ``run_dir`` (None if its settings cannot be read)."""
+    try:
+        return demo_id(json.loads((run_dir / "config.json").read_text()), data)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _run(cfg: TrainConfig, data: dict, force: bool) -> tuple:
+    """(metrics, seconds of training + evaluation, cached?) of one run. A finished run of the same
+    settings is reused; a run of other settings (or, with ``force``, any) is moved aside, never
+    deleted; a killed run of the same settings resumes."""
     from .engine import train
+    from .files import move_aside, write_atomic
 
     run_dir = Path(cfg.output_dir)
+    want = demo_id(dataclasses.asdict(cfg), data)
     metrics_path = run_dir / "metrics_full.json"
-    if not force and (run_dir / "final.pt").exists() and metrics_path.exists() and _same_config(run_dir, cfg):
-        data = json.loads(metrics_path.read_text())
-        return data["metrics"], data["seconds"], True
-    if run_dir.exists() and (force or not _same_config(run_dir, cfg)):
-        shutil.rmtree(run_dir)  # other settings: start over rather than resume a different run
+    if not force and _cached_id(run_dir, data) == want:
+        done = json.loads(metrics_path.read_text())
+        return done["metrics"], done["seconds"], True
+    if run_dir.exists() and (force or _cached_id(run_dir, data) is not None or _started_id(run_dir, data) != want):
+        if not run_dir.is_dir() or any(run_dir.iterdir()):
+            move_aside(run_dir, "--force" if force else "it holds a run of other settings")
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
-    metrics_path.write_text(json.dumps({"metrics": result["metrics"], "seconds": seconds}, indent=2))
+    write_atomic(metrics_path, json.dumps({"metrics": result["metrics"], "seconds": seconds, "demo_id": want},
+                                          indent=2))
     return result["metrics"], seconds, False
 
 
@@ -88,7 +121,8 @@ def _configs(p: dict, data: dict, out: Path, seed: int, threads, ablation: bool)
         **data, image_size=p["image_size"], batch_size=p["batch_size"], seed=seed, threads=threads, distill=False,
         iterations=p["iterations"], lr_warmup_iters=max(1, min(50, p["iterations"] // 6)),
         checkpoint_every=max(10, p["iterations"] // 4), log_every=max(1, min(10, p["iterations"] // 20)),
-        resume=True, **RECIPE)
+        # a killed run resumes, also from a moved demo folder (its paths then differ; demo_id checked the rest)
+        resume=True, allow_changes=",".join(k for k in _PATHS if not k.startswith("val_")), **RECIPE)
     teacher = dataclasses.replace(
         base, student_arch=p["teacher_arch"], iterations=p["teacher_iterations"],
         lr_warmup_iters=max(1, min(50, p["teacher_iterations"] // 6)),
@@ -129,14 +163,26 @@ def _verdict(mean: dict, labels: dict) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """The demo in the folder ``cfg.out``, which it holds alone while it works (``RunLock``)."""
+    from .engine import check_memory
+    from .files import RunLock, check_output_folder, command_line
+
+    p = dict(QUICK if cfg.quick else TREES if cfg.data == "trees" else DEFAULT)
+    p.update({k: getattr(cfg, k) for k in p if getattr(cfg, k) is not None})
+    out = check_output_folder(cfg.out, "--out", inside=("data", "trees", "masks"))
+    with RunLock(out, command_line()):
+        # every run's step must fit before the data is made (the data's images are image_size too)
+        for _, run_cfg in _configs(p, dict(train_json="", train_images=""), out, cfg.seed, cfg.threads,
+                                   cfg.ablation).values():
+            check_memory(run_cfg)
+        return _demo(cfg, p, out)
+
+
+def _demo(cfg: DemoConfig, p: dict, out: Path) -> dict:
     from .evaluate import format_table, write_table
     from .viz import plot_curves, plot_map_table
 
     t_start = time.perf_counter()
-    p = dict(QUICK if cfg.quick else TREES if cfg.data == "trees" else DEFAULT)
-    p.update({k: getattr(cfg, k) for k in p if getattr(cfg, k) is not None})
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
@@ -148,6 +194,7 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"batch {p['batch_size']}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
           f"output in {out}", flush=True)
     data = _data(cfg, p, out)
+    made = {"data": cfg.data, "seed": cfg.seed, **{k: p[k] for k in ("train_images", "val_images", "image_size")}}
 
     per_seed, seconds = [], {}
     for seed in seeds:
@@ -157,7 +204,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         teacher_new = False
         for key, (label, run_cfg) in runs.items():
             # a distilled run cached against an earlier teacher is stale once the teacher retrains
-            metrics, secs, cached = _run(run_cfg, cfg.force or (teacher_new and run_cfg.distill))
+            metrics, secs, cached = _run(run_cfg, made, cfg.force or (teacher_new and run_cfg.distill))
             teacher_new = teacher_new or (key == "teacher" and not cached)
             rows[label] = metrics
             seconds.setdefault(label, []).append(secs)

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (RunError, TrainState, checkpoint_to_resume, checkpoints, load_checkpoint,  # noqa: F401
-                         load_latest, remove_temp_files, run_id, save_atomic, save_checkpoint,
-                         set_aside_old_checkpoints)
+from .checkpoint import (RunError, TrainState, checkpoints, load_checkpoint, load_latest,  # noqa: F401
+                         remove_temp_files, resume, run_id, save_atomic, save_checkpoint, set_aside_earlier_run)
 from .config import ConfigError, TrainConfig  # noqa: F401  (TrainConfig: imported from here by users)
 from .distill import Distiller
+from .files import RunLock, check_output_folder, command_line, same_file, write_atomic
 from .models import build_detector, load_detector
 from .runlog import RunLog, imitation_columns
 
@@ -151,7 +151,8 @@ def train_teacher(cfg: TrainConfig) -> Optional[str]:
     tcfg = teacher_config(cfg)
     tid = run_id(dataclasses.asdict(tcfg))
     final = Path(tcfg.output_dir) / "final.pt"
-    if final.exists() and load_checkpoint(final).get("run_id") == tid:
+    # its run id only: the weights are read once, when the run loads the teacher (mmap reads no tensor)
+    if final.exists() and load_checkpoint(final, mmap=True).get("run_id") == tid:
         return str(final)
     # resume this teacher's own run if it was killed; another teacher's checkpoints are set aside
     own = bool(checkpoints(Path(tcfg.output_dir) / "checkpoints", tid))
@@ -177,6 +178,69 @@ def build_model(cfg: TrainConfig, num_classes: int, teacher: Optional[str]) -> n
     if not cfg.distill:
         return student
     return Distiller(load_teacher(teacher, cfg), student, cfg.imitation, total_iterations=cfg.iterations)
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+_PROBE = 128  # px: large enough that the backbone's activations dominate, as they do at full size
+
+
+def _backbone_bytes(model: nn.Module) -> int:
+    """Bytes of the outputs of every leaf module of ``model``'s backbone in one inference forward of a
+    _PROBE px image: what a training step keeps for its backward, per image, at that size (measured
+    within 0.75x-1x of a step's peak for the architectures here; README)."""
+    total = 0
+
+    def count(module, args, output):
+        nonlocal total
+        for t in output if isinstance(output, (list, tuple)) else [output]:
+            if torch.is_tensor(t):
+                total += t.numel() * t.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in model.backbone.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()([torch.zeros(3, _PROBE, _PROBE)])
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a run on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(cfg: TrainConfig, device: Optional[torch.device] = None) -> int:
+    """RunError before any work when one training step of ``cfg`` cannot fit in memory: the
+    student's (and a teacher_arch teacher's) activations, estimated from a forward at _PROBE px scaled
+    by the area, against what ``device`` has free (a fixed cap would refuse big machines or pass small
+    ones). Returns the estimate in bytes."""
+    device = device or setup_distributed().device
+    scale = (cfg.image_size / _PROBE) ** 2 * cfg.batch_size
+    models = [(cfg.student_arch, cfg.student_fpn_channels, cfg.fpn_norm)]
+    if cfg.distill and cfg.teacher_arch and not cfg.teacher_checkpoint:
+        models.append((cfg.teacher_arch, cfg.teacher_fpn_channels, cfg.fpn_norm))
+    need = 0
+    with torch.random.fork_rng(devices=[]):  # building the probes draws no number of the run's
+        for arch, channels, norm in models:
+            probe = build_detector(arch, 2, _PROBE, detector=cfg.detector, fpn_channels=channels, fpn_norm=norm)
+            need += int(_backbone_bytes(probe) * scale)
+    free = free_memory(device)
+    if need > free:
+        gb = 2 ** 30
+        raise RunError(f"image_size {cfg.image_size} with batch_size {cfg.batch_size} needs about {need / gb:.3g} GB "
+                       f"for one training step ({cfg.student_arch}; estimated from a forward at {_PROBE} px "
+                       f"scaled by area), and {free / gb:.3g} GB are free on {device.type}: lower --image-size or "
+                       "--batch-size")
+    return need
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -232,9 +296,23 @@ def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, dist: Dist, run
 
 def train(cfg: TrainConfig) -> dict:
     """Trains ``cfg``'s teacher when it needs one from scratch (``train_teacher``), then runs (or
-    resumes) ``cfg`` itself (``run``); returns {"final": path, "metrics": dict or None}."""
+    resumes) ``cfg`` itself (``run``); returns {"final": path, "metrics": dict or None}. The output
+    folder is this run's alone while it works (``RunLock``; rank 0 holds it under torchrun)."""
     cfg.check()
-    return run(cfg, train_teacher(cfg))
+    with _folder_lock(cfg):
+        check_memory(cfg)
+        return run(cfg, train_teacher(cfg))
+
+
+def _folder_lock(cfg: TrainConfig):
+    """RunLock on cfg.output_dir, after checking that it is a folder fgd can write in (rank 0 only:
+    under torchrun the ranks share the folder)."""
+    import contextlib
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    check_output_folder(cfg.output_dir, "--output-dir", inside=("checkpoints",))
+    return RunLock(cfg.output_dir, command_line())
 
 
 def run(cfg: TrainConfig, teacher: Optional[str] = None) -> dict:
@@ -243,8 +321,16 @@ def run(cfg: TrainConfig, teacher: Optional[str] = None) -> dict:
     cfg.check()
     if cfg.distill and teacher is None:
         raise ValueError("run: a distilled run needs its teacher (train_teacher(cfg) gives it)")
-    dist = setup_distributed()
     out = Path(cfg.output_dir)
+    if teacher is not None and same_file(teacher, out / "final.pt"):
+        raise RunError(f"the teacher {teacher} is this run's own output ({out / 'final.pt'}), which the run "
+                       "replaces: give the student another --output-dir")
+    with _folder_lock(cfg):
+        return _run(cfg, teacher, out)
+
+
+def _run(cfg: TrainConfig, teacher: Optional[str], out: Path) -> dict:
+    dist = setup_distributed()
     ckpt_dir = out / "checkpoints"
     config = dataclasses.asdict(cfg)
     if dist.main:
@@ -252,10 +338,6 @@ def run(cfg: TrainConfig, teacher: Optional[str] = None) -> dict:
         removed = remove_temp_files(ckpt_dir) + remove_temp_files(out)
         if removed:
             log.info("removed %d temporary files left by interrupted or failed writes in %s", removed, out)
-        if not cfg.resume:
-            set_aside_old_checkpoints(ckpt_dir)
-    if dist.world > 1:
-        torch.distributed.barrier()  # every rank sees the folder as rank 0 left it
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -268,19 +350,21 @@ def run(cfg: TrainConfig, teacher: Optional[str] = None) -> dict:
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(cfg, it)),
                        torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16"))
-    if cfg.resume:
-        path, ckpt = checkpoint_to_resume(ckpt_dir, config)
-        if ckpt is not None:
-            state.load_state_dict(ckpt, dist.rank)
-            if dist.main:
-                log.info("resumed from %s at iteration %d (epoch %d, batch %d)", path, state.iteration,
-                         state.epoch, state.position)
+    resumed = resume(state, ckpt_dir, config, dist.rank) if cfg.resume else None
     if dist.world > 1:
+        torch.distributed.barrier()  # every rank has read the checkpoints before any is moved
+    if dist.main and resumed is not None:
+        log.info("resumed from %s at iteration %d (epoch %d, batch %d)", resumed, state.iteration, state.epoch,
+                 state.position)
+    if dist.main and resumed is None:
+        set_aside_earlier_run(out, run_id(config))  # a fresh run: an earlier run's files are moved, never overwritten
+    if dist.world > 1:
+        torch.distributed.barrier()  # every rank sees the folder as rank 0 left it
         state.model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
 
     if dist.main:
-        (out / "config.json").write_text(json.dumps(
+        write_atomic(out / "config.json", json.dumps(
             {**config, "resolved_imitation_warmup": cfg.resolved_imitation_warmup(), "run_id": run_id(config)},
             indent=2))
         if cfg.distill:  # the one place this is said (printed: it belongs with the progress bar)
@@ -322,8 +406,8 @@ def run(cfg: TrainConfig, teacher: Optional[str] = None) -> dict:
         val = make_dataset(cfg, "val", class_names=ds.class_names)
         metrics = evaluate(student, make_loader(val, cfg, dist, train=False)[1], dist)
         if dist.main:
-            (out / "metrics.json").write_text(json.dumps(
-                {k: v for k, v in metrics.items() if k != "summary"}, indent=2))
+            write_atomic(out / "metrics.json", json.dumps({k: v for k, v in metrics.items() if k != "summary"},
+                                                          indent=2))
     if dist.world > 1:
         torch.distributed.barrier()
     return {"final": str(final), "metrics": metrics}

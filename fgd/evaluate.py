@@ -161,10 +161,13 @@ def write_table(rows: dict, path_md, path_csv, columns=DEFAULT_COLUMNS, std=None
     path_md, path_csv = Path(path_md), Path(path_csv)
     for p in (path_md, path_csv):
         p.parent.mkdir(parents=True, exist_ok=True)
-    path_md.write_text(format_table(rows, columns, std) + "\n", encoding="utf-8")
+    from .files import write_atomic
+
+    write_atomic(path_md, format_table(rows, columns, std) + "\n")
     header, body = _cells(rows, columns, std)
-    with open(path_csv, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([header, *body])
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([header, *body])
+    write_atomic(path_csv, text.getvalue())
 
 
 @torch.no_grad()

@@ -107,4 +107,9 @@ def load_detector(path, device="cpu") -> tuple:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise RunError(f"{path}: its weights do not fit the detector its config describes "
                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), c, ckpt.get("class_names")
+    names = ckpt.get("class_names")
+    if names is not None and not (isinstance(names, (list, tuple)) and len(names) == ckpt["num_classes"]
+                                  and all(isinstance(n, str) for n in names)):
+        raise RunError(f"{path}: its class_names must be a list of {ckpt['num_classes']} names (background "
+                       f"first), got a {type(names).__name__}{f' of {len(names)}' if isinstance(names, (list, tuple)) else ''}")
+    return model.to(device).eval(), c, names

@@ -9,13 +9,15 @@ to a CSV, TensorBoard scalars when it is installed, and a progress bar when aske
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 from typing import Optional
 
+from .files import write_atomic
+
 
 class RunLog:
-    """``path``: the CSV, rewritten whole at every row (a reader never sees half of one); the rows of
+    """``path``: the CSV, rewritten whole at every row (``write_atomic``: a reader never sees half of one); the rows of
     an earlier run past ``start`` (a resume: ``row[key] > start``) are dropped, so a resumed log reads as
     one run. ``tensorboard``: a folder for TensorBoard's events (skipped when it is not installed).
     ``total``/``progress``: a tqdm bar of ``total`` steps from ``start``. ``main``: False on the ranks
@@ -52,12 +54,11 @@ class RunLog:
             return
         self.rows.append(row)
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        write_atomic(self.path, text.getvalue())
         if self.tb is not None:
             for k, v in row.items():
                 if k != self.key:

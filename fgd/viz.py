@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import write_atomic
+
 CAPTION_BAND = 14  # px above every overlay_masks panel
 TINT = (255, 0, 0)  # mask colour, blended at TINT_ALPHA
 TINT_ALPHA = 0.5
@@ -48,8 +50,7 @@ def _name(label, class_names) -> str:
 def _save(im: Image.Image, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, format="PNG")
-    return path
+    return write_atomic(path, lambda f: im.save(f, format="PNG"))  # a full disk leaves no half picture
 
 
 def _draw_boxes(draw, boxes, texts, font):
@@ -126,10 +127,13 @@ def _figure(width, height):
 
 def _save_figure(fig, path) -> Path:
     fig.tight_layout()
+    import io
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return write_atomic(path, png.getvalue())  # a full disk leaves no half picture
 
 
 def _read_log(path, keys):

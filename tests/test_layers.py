@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "fgd"
 # Package __init__ files only re-export and are not checked.
 LAYERS = [
     {"fgd.ops", "fgd.reference"},
-    {"fgd.synthetic", "fgd.timing", "fgd.distill.settings", "fgd.distill.hooks", "fgd.runlog", "fgd.checkpoint",
+    {"fgd.synthetic", "fgd.timing", "fgd.distill.settings", "fgd.distill.hooks", "fgd.runlog", "fgd.checkpoint", "fgd.files",
      "fgd.evaluate", "fgd.data.*"},
     {"fgd.distill.core", "fgd.models"},
     {"fgd.distill.torchvision"},

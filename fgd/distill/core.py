@@ -188,7 +188,8 @@ class FeatureImitation(nn.Module):
 
     def zero(self) -> ImitationResult:
         """The warm-up's result: zero, but through every adapter, so DDP sees all parameters used."""
-        return ImitationResult(sum(p.sum() for p in self.adapters.parameters()) * 0.0)
+        # + 0.0: a negative sum times 0 is -0.0, which the logs would print as "-0.0000"
+        return ImitationResult(sum(p.sum() for p in self.adapters.parameters()) * 0.0 + 0.0)
 
     def forward(self, s_feats: Sequence[Tensor], t_feats: Sequence[Tensor], anchors: Sequence[Tensor],
                 boxes, image_size, *, names: tuple = ("", "")) -> ImitationResult:

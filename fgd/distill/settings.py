@@ -47,6 +47,13 @@ def choice(default, doc: str, choices: tuple):
     return setting(default, doc, f"one of {choices}", lambda v: v in choices)
 
 
+def short(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message never prints a whole value (a YAML
+    alias expands to gigabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + " ..."
+
+
 def check_value(cls, name: str, value, who: str, key: Optional[str] = None) -> None:
     """SettingsError (SettingsTypeError for a wrong type) unless ``value`` is allowed for field
     ``name`` of ``cls``; the message names ``key`` (the field as the door calls it)."""
@@ -61,7 +68,7 @@ def check_value(cls, name: str, value, who: str, key: Optional[str] = None) -> N
     test = f.metadata.get("test")
     if ok_type and (test is None or test(value)):
         return
-    text = f"{who}: {key or name} must be {f.metadata['allowed']}, got {value!r}"
+    text = f"{who}: {key or name} must be {f.metadata['allowed']}, got {short(value)}"
     if not ok_type:
         raise SettingsTypeError(f"{text} ({type(value).__name__}){yaml_tip(kind, value)}")
     raise SettingsError(text)
