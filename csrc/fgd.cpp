@@ -49,10 +49,12 @@ void check_size_product(at::IntArrayRef sizes, const char* op, const char* name)
 constexpr double kMaxCoordinate = 1e18;
 void check_coordinates(const at::Tensor& t, const char* op, const char* name) {
   if (!t.is_cpu() || t.numel() == 0) return;
-  const at::Tensor a = t.abs().amax();
-  const double hi = a.item<double>();
-  TORCH_CHECK_VALUE(hi <= kMaxCoordinate, "fgd.", op, ": ", name, " must hold finite coordinates ",
-                    "within +-", kMaxCoordinate, ", got a value of magnitude ", hi);
+  // One pass, no temporary of t's size (as t.abs() would be); NaN makes both ends NaN.
+  const auto [lo, hi] = at::aminmax(t);
+  const double l = lo.item<double>(), h = hi.item<double>();
+  TORCH_CHECK_VALUE(l >= -kMaxCoordinate && h <= kMaxCoordinate, "fgd.", op, ": ", name,
+                    " must hold finite coordinates within +-", kMaxCoordinate,
+                    ", got values in [", l, ", ", h, "]");
 }
 
 // mask [B, H, W] of the student [B, C, H, W]: bool or non-negative floating weights.
@@ -69,10 +71,23 @@ void check_mask(const at::Tensor& mask, const at::Tensor& student, const char* o
   // costs a device sync on a GPU, so only float weights (never the bool masks fgd builds) pay it.
   if (mask.is_floating_point() && mask.numel() > 0 && !mask.is_meta()) {
     const auto [lo, hi] = at::aminmax(mask);
-    const double l = lo.item<double>(), h = hi.item<double>();
+    // Both ends in one copy to the host: one sync, where two item() calls would make two.
+    const at::Tensor ends = at::stack({lo, hi}).to(at::kCPU, at::kDouble);
+    const double l = ends.const_data_ptr<double>()[0], h = ends.const_data_ptr<double>()[1];
     TORCH_CHECK_VALUE(l >= 0.0 && std::isfinite(h), "fgd.", op, ": mask weights must be ",
                       "finite and non-negative, got values in [", l, ", ", h, "]");
   }
+}
+
+// The upstream gradient a private backward op takes: a floating scalar on student's device, or on
+// the CPU (as PyTorch's ops take a CPU scalar beside device tensors). On another device it would
+// pick that device's kernel (a meta one returns an uninitialised tensor).
+void check_grad(const at::Tensor& grad, const at::Tensor& student, const char* op) {
+  check_floating(grad, op, "grad");
+  TORCH_CHECK_VALUE(grad.numel() == 1, "fgd.", op, ": grad must be a scalar, got shape ",
+                    shape_str(grad));
+  TORCH_CHECK(grad.device() == student.device() || grad.is_cpu(), "fgd.", op, ": grad must be on ",
+              "the CPU or on student's device (", student.device(), "), got ", grad.device());
 }
 
 }  // namespace
@@ -181,6 +196,12 @@ void check_imitation_loss(const at::Tensor& student, const at::Tensor& teacher,
   check_mask(mask, student, op);
 }
 
+void check_imitation_loss_backward(const at::Tensor& grad, const at::Tensor& student,
+                                   const at::Tensor& teacher, const at::Tensor& mask) {
+  check_imitation_loss(student, teacher, mask);
+  check_grad(grad, student, "_imitation_loss_backward");
+}
+
 AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teacher,
                               const at::Tensor& mask, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias) {
@@ -227,6 +248,28 @@ AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teach
   return a;
 }
 
+AdaptShape check_masked_adapt_backward(const at::Tensor& grad, const at::Tensor& saved,
+                                       const at::Tensor& idx, const at::Tensor& student,
+                                       const at::Tensor& teacher, const at::Tensor& mask,
+                                       const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias) {
+  const char* op = "_masked_adapt_backward";
+  const AdaptShape a = check_masked_adapt(student, teacher, mask, weight, bias);
+  check_grad(grad, student, op);
+  TORCH_CHECK_TYPE(saved.scalar_type() == student.scalar_type(), "fgd.", op, ": saved must have ",
+                   "the student's dtype (", student.scalar_type(), "), got ", saved.scalar_type());
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "fgd.", op, ": idx must be an int64 tensor, got ",
+                   idx.scalar_type());
+  check_same_device(student, "student", saved, "saved", op);
+  check_same_device(student, "student", idx, "idx", op);
+  TORCH_CHECK_VALUE(idx.dim() == 1 && saved.dim() == 2 && saved.size(0) == a.Ct &&
+                        saved.size(1) == idx.size(0),
+                    "fgd.", op, ": saved [Ct, N] and idx [N] must be the tensors ",
+                    "_masked_adapt_forward(save=True) returned for these inputs (Ct = ", a.Ct,
+                    "), got saved ", shape_str(saved), " and idx ", shape_str(idx));
+  return a;
+}
+
 at::Tensor mask_weights(const at::Tensor& mask, const at::Tensor& student) {
   return mask.to(at::toOpMathType(student.scalar_type())).contiguous();
 }
@@ -262,7 +305,8 @@ FGD_TORCH_LIBRARY(FGD_LIBRARY, m) {
 }
 
 // The checks alone, for the shape functions in fgd/ops.py: tensors on the meta device reach those
-// instead of a kernel, and must fail as the kernels do (a bad shape, a meta tensor beside a CPU one).
+// instead of a kernel, and must fail as the kernels do (a bad shape, a meta tensor beside a CPU one;
+// for the backward ops a meta grad, saved or idx too).
 namespace fgd {
 namespace {
 void check_imitation_mask_op(const at::Tensor& anchors, const at::Tensor& gt_boxes,
@@ -274,6 +318,13 @@ void check_masked_adapt_op(const at::Tensor& student, const at::Tensor& teacher,
                            const at::Tensor& mask, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias) {
   check_masked_adapt(student, teacher, mask, weight, bias);
+}
+void check_masked_adapt_backward_op(const at::Tensor& grad, const at::Tensor& saved,
+                                    const at::Tensor& idx, const at::Tensor& student,
+                                    const at::Tensor& teacher, const at::Tensor& mask,
+                                    const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias) {
+  check_masked_adapt_backward(grad, saved, idx, student, teacher, mask, weight, bias);
 }
 }  // namespace
 }  // namespace fgd
@@ -290,6 +341,14 @@ FGD_TORCH_LIBRARY_FRAGMENT(FGD_LIBRARY, m) {
       "_check_masked_adapt(Tensor student, Tensor teacher, Tensor mask, Tensor weight, Tensor? "
       "bias) -> ()",
       &fgd::check_masked_adapt_op);
+  m.def(
+      "_check_imitation_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor mask) "
+      "-> ()",
+      &fgd::check_imitation_loss_backward);
+  m.def(
+      "_check_masked_adapt_backward(Tensor grad, Tensor saved, Tensor idx, Tensor student, Tensor "
+      "teacher, Tensor mask, Tensor weight, Tensor? bias) -> ()",
+      &fgd::check_masked_adapt_backward_op);
 }
 
 // box_iou and imitation_mask are not differentiable: skipping autograd keeps their outputs free of

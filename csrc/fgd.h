@@ -25,6 +25,9 @@ MaskShape check_imitation_mask(const at::Tensor& anchors, const at::Tensor& gt_b
                                double thresh, double offset);
 void check_imitation_loss(const at::Tensor& student, const at::Tensor& teacher,
                           const at::Tensor& mask);
+// The same, and grad: a floating scalar on student's device or the CPU.
+void check_imitation_loss_backward(const at::Tensor& grad, const at::Tensor& student,
+                                   const at::Tensor& teacher, const at::Tensor& mask);
 
 // Shapes of a masked_adapt_loss call: student [B, Cs, H, W], weight [Ct, Cs, k, k].
 struct AdaptShape {
@@ -33,6 +36,12 @@ struct AdaptShape {
 AdaptShape check_masked_adapt(const at::Tensor& student, const at::Tensor& teacher,
                               const at::Tensor& mask, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias);
+// The same, grad as for imitation_loss, and saved / idx as _masked_adapt_forward returns them.
+AdaptShape check_masked_adapt_backward(const at::Tensor& grad, const at::Tensor& saved,
+                                       const at::Tensor& idx, const at::Tensor& student,
+                                       const at::Tensor& teacher, const at::Tensor& mask,
+                                       const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias);
 
 // The per-location weights the loss kernels read: the mask, contiguous, in the type the kernels
 // accumulate `student` in (float, or double for float64 features).

@@ -53,9 +53,9 @@ struct Operands {
   at::ScalarType acc;  // opmath dtype
 };
 
-Operands operands(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& mask,
+Operands operands(const AdaptShape& checked, const at::Tensor& student, const at::Tensor& teacher,
                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  Operands o{check_masked_adapt(student, teacher, mask, weight, bias)};
+  Operands o{checked};
   o.K = o.a.Cs * o.a.k * o.a.k;
   o.s = student.contiguous();
   o.t = teacher.contiguous();
@@ -65,13 +65,24 @@ Operands operands(const at::Tensor& student, const at::Tensor& teacher, const at
   return o;
 }
 
+// a @ b summed and returned in acc (float) for half-type a, b: the backward's products sum over the
+// masked locations, or the channels, N_p times a gradient (the 1/N_p comes after them), which
+// overflows float16 where the gradient itself fits. cuBLAS multiplies half inputs into a float
+// result; the CPU has no such product, so it multiplies float copies.
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  if (a.scalar_type() == acc) return at::mm(a, b);
+  return a.is_cuda() ? at::mm(a, b, acc) : at::mm(a.to(acc), b.to(acc));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_adapt_forward(
     const AdaptKernels& kernels, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& mask, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     bool relu, bool save) {
-  const Operands o = operands(student, teacher, mask, weight, bias);
+  const Operands o =
+      operands(check_masked_adapt(student, teacher, mask, weight, bias), student, teacher, weight,
+               bias);
   // The products run in the inputs' dtype even when called under autocast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // at::nonzero needs the count on the host (a sync on a GPU); the chunk loop needs it anyway.
@@ -110,16 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
     const at::Tensor& idx, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& mask, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     bool relu, std::array<bool, 4> output_mask) {
-  const Operands o = operands(student, teacher, mask, weight, bias);
+  const Operands o = operands(
+      check_masked_adapt_backward(grad, saved, idx, student, teacher, mask, weight, bias), student,
+      teacher, weight, bias);
   const auto& [a, K, s, t, wmat, b, acc] = o;
-  TORCH_CHECK_VALUE(grad.numel() == 1, "fgd._masked_adapt_backward: grad must be a scalar");
-  TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.device() == s.device() &&
-                        saved.dim() == 2 && saved.size(0) == a.Ct && saved.size(1) == idx.size(0) &&
-                        saved.scalar_type() == s.scalar_type() && saved.device() == s.device(),
-                    "fgd._masked_adapt_backward: saved [Ct, N] and idx [N] must be the tensors ",
-                    "_masked_adapt_forward(save=True) returned for these inputs (Ct = ", a.Ct,
-                    "), got saved ", saved.sizes(), " ", saved.scalar_type(), " and idx ",
-                    idx.sizes(), " ", idx.scalar_type());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // The forward's locations, so no second nonzero (and no sync with a GPU) here.
   const Locations loc = locations(mask, idx, acc);
@@ -138,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
     const int64_t rows = chunk_rows(a, K, N), HW = a.H * a.W;
     at::Tensor cols = at::empty({K * rows}, s.options());
     // float / double: the upstream scale is folded into the small [K, Ct] operand rather than
-    // applied to the student-sized gradient (one pass over it less); half types would underflow.
+    // applied to the student-sized gradient (one pass over it less). Half types would underflow
+    // there: their products run through mm_acc, into float, and g is applied after.
     const at::Tensor wt = want_s && fold ? wmat.t() * g : wmat.t();
     const at::Tensor gt_rows = want_t ? gt.view({a.B, a.Ct, HW}).permute({0, 2, 1}) : at::Tensor();
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
@@ -151,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
         if (fold) {
           gw.addmm_(sv, c.t());
         } else {
-          gw += at::mm(sv, c.t());
+          gw += mm_acc(sv, c.t(), acc);
         }
       }
       if (want_t) {
@@ -162,16 +168,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_adapt_backward
           d = at::mm(wmat, c);
           kernels.epilogue(d, t, ci, loc.w.narrow(0, r0, n), b, relu, EpilogueMode::kDiff);
         }
+        // Scaled here, in acc: only the masked locations, and a half type's product with a float
+        // 0-dim CUDA tensor would round g to half (a subnormal, or 0, for a large N_p).
+        d = (d.to(acc) * -g).to(t.scalar_type());
         gt_rows.index_put_({ci.div(HW, "floor"), ci.remainder(HW)}, d.t());
       }
-      if (want_s) {
-        at::mm_out(c, wt, sv);
-        kernels.col2im(c, ci, a.k, gs);
-      }
+      if (want_s) kernels.col2im(fold ? at::mm_out(c, wt, sv) : mm_acc(wt, sv, acc), ci, a.k, gs);
     }
   }
   if (want_s) gs = (fold ? gs : gs *= g).to(s.scalar_type());
-  if (want_t) gt *= -g;
   if (want_w) gw = (gw *= g).to(s.scalar_type()).view(weight.sizes());
   return {gs, gt, gw, gb};
 }

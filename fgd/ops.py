@@ -164,7 +164,7 @@ def _fakes(ops):
     def imitation_loss(student, teacher, mask):
         return student.new_empty(())
 
-    @_checked(lambda grad, *rest: ops._check_imitation_loss(*rest))
+    @_checked(ops._check_imitation_loss_backward)
     def _imitation_loss_backward(grad, student, teacher, mask):
         return torch.empty_like(student, memory_format=torch.contiguous_format)
 
@@ -174,7 +174,7 @@ def _fakes(ops):
         return (student.new_empty(()), student.new_empty((weight.shape[0], n)),
                 student.new_empty((n,), dtype=torch.long))
 
-    @_checked(lambda grad, saved, idx, s, t, m, w, b, *_: ops._check_masked_adapt(s, t, m, w, b))
+    @_checked(lambda *args: ops._check_masked_adapt_backward(*args[:8]))
     def _masked_adapt_backward(grad, saved, idx, student, teacher, mask, weight, bias, relu, output_mask):
         like = (student, teacher, weight, bias)
         return tuple(

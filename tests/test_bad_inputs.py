@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fgd
+from conftest import requires_cuda
 
 F = torch.float32
 
@@ -216,3 +217,46 @@ def test_meta_tensors_give_shapes():
     assert direct("box_iou")(meta(boxes(3)), meta(boxes(2)), 0.0).shape == (3, 2)
     assert direct("imitation_mask")(meta(A), meta(GT), N, [2, 3], 0.5, 0.0).shape == (2, 2, 3)
     assert direct("imitation_loss")(meta(S), meta(S), meta(M)).shape == ()
+
+
+# ---- the private backward ops the autograd rules call, called directly ---------------------------
+
+BACKWARD_TENSORS = {"_imitation_loss_backward": ("grad", "student", "teacher", "mask"),
+                    "_masked_adapt_backward": ("grad", "saved", "idx", "student", "teacher", "mask",
+                                               "weight", "bias")}
+
+
+def backward_args(op):
+    """Well-formed arguments of a private backward op: its tensors by name, then the rest."""
+    if op == "_imitation_loss_backward":
+        return dict(grad=torch.tensor(1.0), student=S, teacher=S + 1, mask=M), ()
+    s, t, w, b = torch.randn(2, 4, 3, 5), torch.randn(2, 3, 3, 5), torch.randn(3, 4, 3, 3), torch.randn(3)
+    _, saved, idx = direct("_masked_adapt_forward")(s, t, M, w, b, False, True)
+    return (dict(grad=torch.tensor(1.0), saved=saved, idx=idx, student=s, teacher=t, mask=M, weight=w, bias=b),
+            (False, [True, True, True, True]))
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("op,name", [(op, n) for op, names in BACKWARD_TENSORS.items() for n in names])
+def test_backward_op_with_a_tensor_on_another_device(op, name, device):
+    """One tensor on another device (a meta grad, saved or idx beside cpu tensors once returned an
+    uninitialised cpu tensor: zeros, 2e31): RuntimeError naming it, as the forward ops raise."""
+    tensors, rest = backward_args(op)
+    tensors[name] = tensors[name].to(device)
+    with pytest.raises(RuntimeError, match=rf"\b{name}\b.*device|device.*\b{name}\b"):
+        direct(op)(*tensors.values(), *rest)
+
+
+@pytest.mark.parametrize("op,name,exc,msg,bad", [
+    ("_imitation_loss_backward", "grad", TypeError, "grad must be a floating-point", torch.tensor(1)),
+    ("_imitation_loss_backward", "grad", ValueError, "grad must be a scalar", torch.ones(2)),
+    ("_masked_adapt_backward", "grad", TypeError, "grad must be a floating-point", torch.tensor(True)),
+    ("_masked_adapt_backward", "grad", ValueError, "grad must be a scalar", torch.ones(1, 2)),
+    ("_masked_adapt_backward", "idx", TypeError, "idx must be an int64", "int32"),
+    ("_masked_adapt_backward", "saved", TypeError, "saved must have the student's dtype", "float64"),
+])
+def test_backward_op_bad_grad_saved_idx(op, name, exc, msg, bad):
+    tensors, rest = backward_args(op)
+    tensors[name] = tensors[name].to(getattr(torch, bad)) if isinstance(bad, str) else bad
+    with pytest.raises(exc, match=msg):
+        direct(op)(*tensors.values(), *rest)

@@ -9,6 +9,7 @@ lowered launch limits (few blocks, a small grid.y) so that every grid-stride loo
 with several seeds of the emulator's thread order where a missing barrier could hide.
 """
 import os
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from fgd.synthetic import fgfi_like_mask, grid_anchors, imitation_mask_at_densit
 
 from conftest import requires_cuda
 from test_imitation_mask import ambiguous
-from test_masked_adapt import TOL as ADAPT_TOL, check as check_adapt, inputs as adapt_inputs
+from test_masked_adapt import TOL as ADAPT_TOL, check as check_adapt, inputs as adapt_inputs, large_gradient_inputs
 
 LOWERED = dict(max_grid_y=3, max_blocks=6)  # the emulator's launch limits in most cases
 HALF = (torch.float16, torch.bfloat16)
@@ -262,6 +263,14 @@ def test_masked_adapt_loss_many_chunks_and_borders(be, gen, k):
         check_adapt(*be.to(s, t, mask, w, b), True, fn=be.masked_adapt_loss)
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("which", ["weight", "student"])
+def test_masked_adapt_loss_half_gradients_near_the_float16_max(be, gen, which, dtype):
+    """The backward's products sum N_p times the gradient: in float32, not float16 (-inf)."""
+    (s, t, w, b), mask = large_gradient_inputs(gen, which, dtype)
+    on(be, check_adapt(*be.to(s, t, mask, w, b), False, fn=be.masked_adapt_loss, upstream=1.0))
+
+
 def test_masked_adapt_loss_opcheck_and_float_weights(be, gen):
     s, t, w, b = be.to(*adapt_inputs(gen, 2, 5, 6, 7, 8, 3))
     weights = be.to(torch.rand(2, 7, 8, generator=gen) * (torch.rand(2, 7, 8, generator=gen) < 0.5))[0]
@@ -296,6 +305,9 @@ def test_bad_inputs_are_clear_errors(be):
     s = be.to(torch.zeros(1, 2, 3, 3))[0]
     with pytest.raises(ValueError, match=r"mask must have shape \[B, H, W\]"):
         be.imitation_loss(s, s, be.to(torch.ones(1, 3, 4, dtype=torch.bool))[0])
+    with pytest.raises(RuntimeError, match="grad must be on the CPU or on student's device"):
+        be.ops._imitation_loss_backward.default(torch.tensor(1.0, device="meta"), s, s,
+                                                be.to(torch.ones(1, 3, 3, dtype=torch.bool))[0])
 
 
 # ---- CUDA only ----------------------------------------------------------------------------------
@@ -315,6 +327,22 @@ def test_no_host_sync_in_loss_and_mask(gen):
         fgd.imitation_loss(s, t, mask).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+def test_float_mask_weights_cost_one_sync(gen):
+    """Their check reads the smallest and the largest weight back in one copy (it once made two)."""
+    s = torch.randn(2, 8, 5, 6, generator=gen).cuda()
+    mask = torch.rand(2, 5, 6, generator=gen).cuda()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fgd.imitation_loss(s, s + 1, mask)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message) for w in seen) == 1
 
 
 @requires_cuda

@@ -24,9 +24,9 @@ def inputs(gen, B, Cs, Ct, H, W, k, bias=True, dtype=torch.float32):
     return [x if x is None else x.to(dtype) for x in (s, t, w, b)]
 
 
-def check(s, t, mask, w, b, relu, teacher_grad=True, tol=None, fn=None):
+def check(s, t, mask, w, b, relu, teacher_grad=True, tol=None, fn=None, upstream=0.7):
     """Value and every gradient of fgd (or ``fn``, another build of the op) against the float64
-    dense reference."""
+    dense reference, the upstream gradient ``upstream``."""
     tol = tol or TOL[s.dtype]
     fn = fn or fgd.ops.masked_adapt_loss
     leaves = [x.detach().clone().requires_grad_(x is not t or teacher_grad) if x is not None else None
@@ -37,8 +37,8 @@ def check(s, t, mask, w, b, relu, teacher_grad=True, tol=None, fn=None):
     want = dense_reference(ref_leaves[0], ref_leaves[1], mask, ref_leaves[2], ref_leaves[3], relu)
     assert got.dtype == s.dtype and got.dim() == 0
     torch.testing.assert_close(got.double(), want, **tol)
-    (got * 0.7).backward()
-    (want * 0.7).backward()
+    (got * upstream).backward()
+    (want * upstream).backward()
     for name, a, r in zip(("student", "teacher", "weight", "bias"), leaves, ref_leaves):
         if a is None or not a.requires_grad:
             continue
@@ -123,6 +123,38 @@ def test_non_contiguous_inputs(gen):
 def test_half_precision(gen, dtype):
     s, t, w, b = inputs(gen, 2, 16, 12, 10, 12, 3, dtype=dtype)
     check(s, t, fgfi_like_mask(2, (10, 12), 0.3, gen), w, b, relu=True)
+
+
+def large_gradient_inputs(gen, which, dtype, k=3):
+    """Inputs [2, 4, 8, 8] -> 4 channels, for a full mask (N_p = 128), whose float64 gradient of
+    ``which`` ("weight" or "student") is large but within float16's range, while N_p times it is
+    not: the backward's products sum N_p * d(loss)/dz (d(loss)/dz ~ -55 / N_p here; the 1/N_p comes
+    after them), over the locations times a student of ~1000 for the weight's gradient (~ -5.5e4),
+    over the channels times weights of 100 to 400 for the student's (~ -4.5e3)."""
+    B, Cs, Ct, H, W = 2, 4, 4, 8, 8
+    if which == "weight":
+        s = 1000 + 10 * torch.randn(B, Cs, H, W, generator=gen, dtype=torch.float64)
+        w = torch.randn(Ct, Cs, k, k, generator=gen, dtype=torch.float64) * 1e-3
+    else:
+        s = 0.01 * torch.randn(B, Cs, H, W, generator=gen, dtype=torch.float64)
+        w = 100 + 300 * torch.rand(Ct, Cs, k, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(Ct, generator=gen, dtype=torch.float64)
+    t = F.conv2d(s, w, b, padding=k // 2) + 55 + torch.randn(B, Ct, H, W, generator=gen, dtype=torch.float64)
+    return [x.to(dtype) for x in (s, t, w, b)], torch.ones(B, H, W, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("which", ["weight", "student"])
+def test_half_gradients_near_the_float16_max(gen, which, dtype):
+    """The backward's products in float16 overflowed to -inf where the gradient fits (a weight
+    gradient of -5.5e4): they sum in float32. bfloat16, with float32's range, did not overflow."""
+    (s, t, w, b), mask = large_gradient_inputs(gen, which, dtype)
+    leaves = [x.double().requires_grad_() for x in (s, w)]
+    dense_reference(leaves[0], t, mask, leaves[1], b, False).backward()
+    largest = (leaves[1] if which == "weight" else leaves[0]).grad.abs().max().item()
+    fp16_max = torch.finfo(torch.float16).max
+    assert fp16_max / mask.sum() < largest < fp16_max  # it fits, N_p times it does not
+    check(s, t, mask, w, b, relu=False, upstream=1.0)
 
 
 @pytest.mark.parametrize("relu", [False, True])

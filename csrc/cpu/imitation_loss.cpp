@@ -283,8 +283,7 @@ at::Tensor imitation_loss_cpu(const at::Tensor& student, const at::Tensor& teach
 
 at::Tensor imitation_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& student,
                                        const at::Tensor& teacher, const at::Tensor& mask) {
-  check_imitation_loss(student, teacher, mask);
-  TORCH_CHECK_VALUE(grad.numel() == 1, "fgd._imitation_loss_backward: grad must be a scalar");
+  check_imitation_loss_backward(grad, student, teacher, mask);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor w = mask_weights(mask, student);
   const int64_t B = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);

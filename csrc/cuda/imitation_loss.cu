@@ -76,8 +76,7 @@ at::Tensor imitation_loss_cuda(const at::Tensor& student, const at::Tensor& teac
 
 at::Tensor imitation_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student,
                                         const at::Tensor& teacher, const at::Tensor& mask) {
-  check_imitation_loss(student, teacher, mask);
-  TORCH_CHECK_VALUE(grad.numel() == 1, "fgd._imitation_loss_backward: grad must be a scalar");
+  check_imitation_loss_backward(grad, student, teacher, mask);
   const DeviceGuard guard(student.device());
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor w = mask_weights(mask, student);
