@@ -285,3 +285,92 @@ def test_mask_pictures_show_each_level_over_the_image(data, tmp_path):
     assert im.size == (4 * 64, 14 + 64)  # the image and three levels, with their caption band
     with pytest.raises(ValueError, match="unknown setting 'fgfi_scale'"):
         fu.write_mask_pictures(data["yaml"], tmp_path, imgsz=64, fgfi_scale=2)
+
+
+# Every setting away from its default (Ultralytics' DDP workers once got the defaults back)
+NON_DEFAULT = dict(fgfi_lambda=0.37, fgfi_psi=0.6, fgfi_warmup=7, fgfi_adapter="1x1", fgfi_adapter_relu=True,
+                   fgfi_sparse=False, fgfi_mask="gt_box", fgfi_levels="per_level", fgfi_offset=1,
+                   fgfi_anchor_scale=[4, 8], fgfi_anchor_ratios=[0.5, 2.0], fgfi_ultralytics_kd=True,
+                   fgfi_trust_teacher=True)
+
+
+def test_ddp_workers_are_built_with_the_runs_fgfi_settings(data, tmp_path, monkeypatch):
+    """A multi-GPU launch of a real FGFITrainer: Ultralytics' own train() writes its worker file
+    (generate_ddp_file); that file is run here up to the worker's trainer, which must hold the run's
+    settings and FGFI's callbacks once. (device="0,1" needs GPUs: ddp and world_size are set as it would.)"""
+    import json
+    import types
+
+    import ultralytics.engine.trainer as engine
+
+    trainer = fu.FGFITrainer(overrides=dict(model="yolo26n.yaml", data=data["yaml"], distill_model=data["teacher"],
+                                            project=str(data["root"] / "runs"), name="ddp", **TRAIN, **NON_DEFAULT))
+    trainer.model = trainer.get_model(cfg="yolo26n.yaml", verbose=False)  # as YOLO.train() hands it over
+    trainer.ddp, trainer.world_size = True, 2
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in trainer.fgfi.items()}
+    assert expected["fgfi_lambda"] == 0.37 and expected["fgfi_anchor_scale"] == [4.0, 8.0]
+    # the worker's FGFITrainer.train reports what it was built with instead of training
+    probe = ("import json, runpy, sys\n"
+             "from fgd.integrations.ultralytics import FGFITrainer\n"
+             "def report(self):\n"
+             "    print('WORKER', json.dumps({'fgfi': self.fgfi, 'args': sorted(k for k in vars(self.args) if k.startswith('fgfi_')),\n"
+             "        'callbacks': [c.__qualname__ for e in ('on_train_batch_end', 'on_train_epoch_end') for c in self.callbacks[e]\n"
+             "                      if c.__qualname__.startswith('FGFITrainer.')]}))\n"
+             "FGFITrainer.train = report\n"
+             "runpy.run_path(sys.argv[1], run_name='__main__')\n")
+    launched = []
+
+    def run(cmd, check):  # in place of torch.distributed.run: one worker, as a plain process
+        assert "torch.distributed.run" in cmd and "--nproc_per_node" in cmd
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        here = str(Path(fu.__file__).parents[2])  # the fgd under test, not another one installed
+        env = dict(env, YOLO_OFFLINE="1", PYTHONPATH=os.pathsep.join([here, env.get("PYTHONPATH", "")]))
+        launched.append(subprocess.run([sys.executable, "-c", probe, cmd[-1]], capture_output=True, text=True,
+                                       env=env, cwd=tmp_path))
+
+    monkeypatch.setattr(engine, "subprocess", types.SimpleNamespace(run=run))
+    trainer.train()
+    assert len(launched) == 1 and launched[0].returncode == 0, launched[0].stderr[-3000:]
+    line = next(l for l in launched[0].stdout.splitlines() if l.startswith("WORKER "))
+    worker = json.loads(line[len("WORKER "):])
+    assert worker["fgfi"] == expected
+    assert worker["args"] == []  # taken out again before Ultralytics checks its arguments
+    assert worker["callbacks"] == ["FGFITrainer._record_batch", "FGFITrainer._log_epoch"]  # once each
+    assert not [k for k in vars(trainer.args) if k.startswith("fgfi_")]  # the launcher's args as they were
+
+
+class _Planted:
+    """Unpickling it runs a shell command (what a malicious .pt does)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_the_teacher_is_read_as_data_unless_trusted(data, tmp_path):
+    """Ultralytics unpickles a .pt in full (unless ULTRALYTICS_SAFE_LOAD=1): a planted teacher ran its command."""
+    from ultralytics import YOLO
+
+    pwned = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Planted(f"touch {pwned}")}, evil)
+    with pytest.raises(Exception) as refused:
+        YOLO("yolo26n.yaml").train(data=data["yaml"], distill_model=str(evil), trainer=fu.FGFITrainer,
+                                   project=str(data["root"] / "runs"), name="evil", **TRAIN)
+    assert not pwned.exists(), "the teacher's pickle ran its command"
+    message = str(refused.value)
+    assert str(evil) in message and "fgfi_trust_teacher=True" in message and "posix.system" in message, message
+    # a real Ultralytics teacher loads as data, and with the opt-out (full unpickling) the same
+    safe, trusted = _model(data), _model(data, fgfi_trust_teacher=True)
+    a, b = safe.teacher_model.state_dict(), trusted.teacher_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("key,value", [("fgfi_lambda", True), ("fgfi_lambda", False), ("fgfi_psi", False)])
+def test_a_bool_is_not_a_number_setting(data, key, value):
+    with pytest.raises((TypeError, ValueError), match=key):  # True was trained as lambda 1, False as 0
+        fu.FGFITrainer(overrides=dict(model="yolo26n.yaml", data=data["yaml"], distill_model=data["teacher"],
+                                      project=str(data["root"] / "runs"), name="bool", **TRAIN, **{key: value}))

@@ -12,13 +12,24 @@ fgd's ``FeatureImitation``. An anchor-free head has no anchors, so each level ge
 of Ultralytics' ``make_anchors`` grid, square boxes of side ``fgfi_anchor_scale x stride`` (one of
 8 x stride by default, as ATSS does; ``fgfi_anchor_ratios`` adds aspect ratios), and the paper's rule
 runs on them unchanged. The checkpoints the trainer finishes with hold the plain student.
+
+The teacher's .pt is read as data (Ultralytics' restricted load, what ``ULTRALYTICS_SAFE_LOAD=1``
+does, for the teacher only): a file whose pickle would run code or build classes other than
+Ultralytics' and torch's model classes is refused with an error naming it. ``fgfi_trust_teacher=True``
+unpickles it in full instead, as Ultralytics does by default; only for files you trust.
+
+Multi-GPU (``device="0,1"``): Ultralytics rebuilds the trainer in each DDP worker from
+``vars(trainer.args)``; the fgfi_* settings given ride in those arguments to the workers.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
 import math
+import pickle
+import re
 import threading
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -33,7 +44,7 @@ from ..distill.settings import ImitationSettings, SettingsError, door_keys, from
 from ..runlog import RunLog
 
 __all__ = ["FGFITrainer", "FGFIDistillationModel", "YoloFinder", "fgfi_settings", "imitation_settings",
-           "point_anchors", "yolo_boxes", "yolo_masks"]
+           "load_teacher", "point_anchors", "yolo_boxes", "yolo_masks"]
 
 # The method's settings as fgfi_* keys (fgd.distill.settings.NAMES; Ultralytics' defaults there too).
 SETTING_KEYS = door_keys("ultralytics")
@@ -42,7 +53,9 @@ ADAPTER_DEFAULTS = {
     "fgfi_anchor_scale": 8.0,       # a number or a list of numbers: boxes of side scale x stride
     "fgfi_anchor_ratios": (1.0,),   # height / width of each box
     "fgfi_ultralytics_kd": False,   # also Ultralytics' score-weighted loss (weight `dis`)
+    "fgfi_trust_teacher": False,    # unpickle the teacher's .pt in full (code in it runs) instead of as data
 }
+BOOL_KEYS = ("fgfi_ultralytics_kd", "fgfi_trust_teacher")
 
 
 def _positive_numbers(value, key) -> tuple:
@@ -66,8 +79,9 @@ def fgfi_settings(kwargs: dict) -> tuple:
             raise SettingsError(f"FGFITrainer: unknown setting {k!r}{hint}; the settings are {', '.join(known)}")
     method = from_door({k: v for k, v in given.items() if k in SETTING_KEYS}, "ultralytics")
     s = {**to_door(method, "ultralytics"), **ADAPTER_DEFAULTS, **{k: v for k, v in given.items() if k in ADAPTER_DEFAULTS}}
-    if not isinstance(s["fgfi_ultralytics_kd"], bool):
-        raise SettingsError(f"FGFITrainer: fgfi_ultralytics_kd must be True or False, got {s['fgfi_ultralytics_kd']!r}")
+    for k in BOOL_KEYS:
+        if not isinstance(s[k], bool):
+            raise SettingsError(f"FGFITrainer: {k} must be True or False, got {s[k]!r}")
     s["fgfi_anchor_scale"] = _positive_numbers(s["fgfi_anchor_scale"], "fgfi_anchor_scale")
     s["fgfi_anchor_ratios"] = _positive_numbers(s["fgfi_anchor_ratios"], "fgfi_anchor_ratios")
     return s, rest
@@ -159,11 +173,67 @@ class FGFIResumeError(RuntimeError):
     pass
 
 
+class FGFITeacherError(RuntimeError):
+    pass
+
+
+def load_teacher(path, channels: int = 3, trust: bool = False) -> torch.nn.Module:
+    """The teacher's model (float, eval) of an Ultralytics .pt, as DistillationModel would load it.
+
+    Unless ``trust``, the file is read as data: Ultralytics' own restricted load (``torch.load(
+    weights_only=True)`` allowing only its and torch's model classes, as ``ULTRALYTICS_SAFE_LOAD=1``),
+    so a pickle that would run code raises FGFITeacherError instead. ``trust``: Ultralytics' full
+    unpickling (``load_checkpoint``), for files you trust."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+    from ultralytics.nn.tasks import _SafeLoad, load_checkpoint, torch_safe_load
+    from ultralytics.utils import SETTINGS
+    from ultralytics.utils.checks import REMOTE_FILE_PREFIXES, check_file
+    from ultralytics.utils.torch_utils import restore_qat
+
+    if trust:
+        model = load_checkpoint(path)[0]
+    else:
+        if str(path).lower().startswith(REMOTE_FILE_PREFIXES):
+            path = check_file(path, download_dir=SETTINGS["weights_dir"])
+        refused = (f"FGFITrainer: the teacher {path} is not plain model data: fgd reads the teacher's .pt as data "
+                   "(Ultralytics' restricted load) and this file")
+        opt_out = "; if you trust this file, pass fgfi_trust_teacher=True to unpickle it in full (code in it runs)"
+        try:
+            ckpt, _ = torch_safe_load(path, safe_only=True)
+        except TypeError as e:
+            if not isinstance(e.__cause__, pickle.UnpicklingError):
+                raise  # not a checkpoint at all (empty, truncated, TorchScript): Ultralytics' message says so
+            what = ", ".join(re.findall(r"GLOBAL (\S+)", str(e.__cause__))) or "types outside the allow-list"
+            raise FGFITeacherError(f"{refused} needs {what}{opt_out}") from None
+        model = ckpt.get("ema") or ckpt.get("model")
+        if not isinstance(model, torch.nn.Module):
+            raise FGFITeacherError(f"{refused} holds no model{opt_out}")
+        # what load_checkpoint does after its (full) load, for a model that only runs forward
+        model = model.float()
+        if ckpt.get("modelopt"):
+            restore_qat(model, ckpt["modelopt"])
+        model.args = {**DEFAULT_CFG_DICT, **ckpt.get("train_args", {})}
+        model.pt_path = str(path)
+        model.eval()
+        for m in model.modules():
+            if hasattr(m, "inplace"):
+                m.inplace = True
+    if model.yaml.get("channels", 3) != channels:  # as DistillationModel: rebuilt for the student's input channels
+        # restricted as the load was: the rebuild would otherwise eval() the yaml's activation string
+        with contextlib.nullcontext() if trust else _SafeLoad.loading(path):
+            weights, model = model, type(model)(model.yaml.copy(), ch=channels, nc=model.yaml["nc"], verbose=False)
+        model.load(weights)
+    return model
+
+
 class FGFIDistillationModel(DistillationModel):
     """Ultralytics' DistillationModel whose loss is FGFI on the neck levels (``self.fgfi``: fgd's
     FeatureImitation), plus Ultralytics' own score-weighted loss when ``fgfi_ultralytics_kd``."""
 
     def __init__(self, teacher_model, student_model, settings: dict):
+        if isinstance(teacher_model, (str, Path)):  # DistillationModel would unpickle the path in full
+            teacher_model = load_teacher(teacher_model, student_model.yaml.get("channels", 3),
+                                         trust=settings.get("fgfi_trust_teacher", False))
         super().__init__(teacher_model, student_model)
         self.fgfi_settings = dict(settings)
         n = len(self.feats_idx) - 1  # the neck levels (the last index is the Detect head)
@@ -257,8 +327,10 @@ class FGFITrainer(DetectionTrainer):
         if self.args.distill_model is None:
             raise ValueError("FGFITrainer: distill_model (the teacher's .pt) is required")
         self._fgfi_epoch: list = []
-        self.add_callback("on_train_batch_end", FGFITrainer._record_batch)
-        self.add_callback("on_train_epoch_end", FGFITrainer._log_epoch)
+        for event, callback in (("on_train_batch_end", FGFITrainer._record_batch),
+                                ("on_train_epoch_end", FGFITrainer._log_epoch)):
+            if callback not in self.callbacks[event]:  # a DDP worker is given the launcher's callbacks
+                self.add_callback(event, callback)
 
     def setup_model(self):
         """The student (fresh, or the student of the run resumed) inside an FGFIDistillationModel."""
@@ -275,10 +347,12 @@ class FGFITrainer(DetectionTrainer):
             student = self.get_model(cfg=weights.student_model.yaml, weights=weights.student_model,
                                      verbose=RANK in {-1, 0})
             saved = weights.fgfi_settings
-            changed = {k: self.fgfi[k] for k in sorted(self._fgfi_given) if self.fgfi[k] != saved.get(k)}
+            trust = "fgfi_trust_teacher"  # a permission of this call for the teacher's file, not a setting of the run
+            changed = {k: self.fgfi[k] for k in sorted(self._fgfi_given - {trust}) if self.fgfi[k] != saved.get(k)}
             if changed:
                 LOGGER.warning(f"FGFITrainer: resume keeps the run's FGFI settings; ignoring {changed}")
-            self.fgfi = fgfi_settings(saved)[0]  # checked again; keys added since it was saved take their defaults
+            # checked again; keys added since it was saved take their defaults
+            self.fgfi = {**fgfi_settings(saved)[0], trust: self.fgfi[trust]}
         else:
             ckpt = super().setup_model()
             student = self.model
@@ -327,8 +401,22 @@ class FGFITrainer(DetectionTrainer):
 
     def train(self):
         # Unpickled (and deep-copied: the EMA) FGFI models are claimed while this trainer runs
-        with _claiming():
+        with _claiming(), self._settings_in_args():
             return super().train()
+
+    @contextlib.contextmanager
+    def _settings_in_args(self):
+        """The fgfi_* settings given, in self.args while a DDP launch writes its worker file: each worker
+        rebuilds the trainer as FGFITrainer(overrides=vars(args)) and would otherwise get the defaults.
+        Only then, as Ultralytics' validator refuses keys it does not know (the launching process itself
+        trains nothing)."""
+        given = {k: self.fgfi[k] for k in sorted(self._fgfi_given)} if self.ddp else {}
+        vars(self.args).update(given)
+        try:
+            yield
+        finally:
+            for k in given:
+                vars(self.args).pop(k, None)
 
     @staticmethod
     def _record_batch(trainer):
