@@ -216,7 +216,7 @@ def set_aside_earlier_run(out: Path, rid: str) -> Optional[Path]:
     found += [out / name for name in RUN_OUTPUTS if (out / name).exists()]
     if not found:
         return None
-    aside = aside_name(out / "previous")
+    aside = aside_name(out / "checkpoints", bare=True)
     (aside / "checkpoints").mkdir(parents=True)
     for path in found:
         os.replace(path, aside / path.relative_to(out))
@@ -266,6 +266,8 @@ class TrainState:
                       f"{(missing or ['-'])[0]}; {len(extra)} unexpected, e.g. {short((extra or ['-'])[0])})")
         for name, t in want.items():
             g = got[name]
+            if not torch.is_tensor(t):  # a module's extra state
+                continue
             if not torch.is_tensor(g) or g.is_meta or g.shape != t.shape or g.dtype != t.dtype:
                 what = (f"a {type(g).__name__}" if not torch.is_tensor(g) else "a meta tensor (no data)"
                         if g.is_meta else f"{g.dtype} {tuple(g.shape)}")

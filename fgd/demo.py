@@ -64,7 +64,8 @@ def demo_id(config: dict, data: dict) -> str:
     the run's folder — the demo's data lives inside the demo folder, so a moved folder keeps its ids."""
     from .checkpoint import run_identity, with_legacy_values
 
-    c = with_legacy_values(config)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}  # not config.json's run_id and the like
+    c = {k: v for k, v in with_legacy_values(config).items() if k in fields}
     here = str(c.get("output_dir"))
     c = {k: os.path.relpath(v, here) if k in _PATHS and isinstance(v, str) else v for k, v in c.items()}
     what = {**run_identity(c), **{k: c.get(k) for k in _PATHS}, "data": data}

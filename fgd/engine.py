@@ -187,8 +187,8 @@ _PROBE = 128  # px: large enough that the backbone's activations dominate, as th
 
 def _backbone_bytes(model: nn.Module) -> int:
     """Bytes of the outputs of every leaf module of ``model``'s backbone in one inference forward of a
-    _PROBE px image: what a training step keeps for its backward, per image, at that size (measured
-    within 0.75x-1x of a step's peak for the architectures here; README)."""
+    _PROBE px image: what a training step keeps for its backward, per image, at that size (a little
+    under a step's measured peak: README, "Your files")."""
     total = 0
 
     def count(module, args, output):

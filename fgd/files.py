@@ -37,11 +37,10 @@ _TMP_NAME = re.compile(r"^\..+\.tmp\d+$")
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return "the disk is full"
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     if isinstance(e, OSError) and e.errno == errno.EFBIG:
-        return "the file is larger than this process may write (ulimit -f)"
-    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return f"{text} (larger than this process may write: ulimit -f)"
+    return text
 
 
 def write_atomic(path, data: Union[str, bytes, Callable]) -> Path:
@@ -59,8 +58,6 @@ def write_atomic(path, data: Union[str, bytes, Callable]) -> Path:
                 f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
         try:
@@ -83,12 +80,14 @@ def remove_temp_files(folder) -> int:
     return removed
 
 
-def aside_name(path) -> Path:
-    """``path`` with ``.previous-<time>`` (and a counter when taken) before its suffix."""
+def aside_name(path, bare: bool = False) -> Path:
+    """``path`` with ``.previous-<time>`` (and a counter when taken) before its suffix; ``bare``: a
+    sibling named ``previous-<time>`` only."""
     path = Path(path)
     stamp = time.strftime("previous-%Y%m%d-%H%M%S")
     for n in range(1000):
-        name = f"{path.stem}.{stamp}{'' if n == 0 else f'-{n}'}{path.suffix}"
+        tail = f"{stamp}{'' if n == 0 else f'-{n}'}"
+        name = tail if bare else f"{path.stem}.{tail}{path.suffix}"
         if not path.with_name(name).exists():
             return path.with_name(name)
     raise FileError(f"cannot move {path} aside: too many earlier copies beside it")

@@ -114,10 +114,10 @@ def test_an_old_runs_checkpoints_are_never_adopted(shapes, tmp_path, caplog):  #
     new_id, old_id = engine.run_id(dataclasses.asdict(new)), engine.run_id(dataclasses.asdict(old))
     kept = engine.checkpoints(out / "checkpoints")
     assert [p.name for p in kept] == [f"ckpt_{new_id}_00000002.pt", f"ckpt_{new_id}_00000004.pt"]
-    aside = [p for p in (out / "checkpoints").iterdir() if p.is_dir()]
-    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == [
+    aside = list(out.glob("previous-*"))  # with the earlier run's final.pt, config.json and log.csv
+    assert len(aside) == 1 and sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == [
         f"ckpt_{old_id}_00000006.pt", f"ckpt_{old_id}_00000008.pt"]
-    assert "moved 2 checkpoints of an earlier run" in caplog.text
+    assert (aside[0] / "final.pt").is_file() and "moved 5 files of an earlier run" in caplog.text
     # --resume continues the new run, from its own newest checkpoint
     caplog.clear()
     train(dataclasses.replace(new, resume=True))

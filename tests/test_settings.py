@@ -157,11 +157,10 @@ def test_the_turn2_config_keeps_its_run_id():
 
 
 def test_the_demo_reuses_a_run_whose_config_json_came_from_before_the_new_keys(tmp_path):
-    from fgd.demo import _same_config
+    from fgd.demo import demo_id
 
-    fixture = (ROOT / "tests" / "fixtures" / "turn2-config.json").read_text()
-    (tmp_path / "config.json").write_text(fixture)
-    saved = json.loads(fixture)
+    saved = json.loads((ROOT / "tests" / "fixtures" / "turn2-config.json").read_text())
     cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if k not in ("run_id", "resolved_imitation_warmup")})
-    assert _same_config(tmp_path, cfg)
-    assert not _same_config(tmp_path, dataclasses.replace(cfg, offset=1.0))
+    data = {"data": "shapes"}
+    assert demo_id(saved, data) == demo_id(dataclasses.asdict(cfg), data)
+    assert demo_id(saved, data) != demo_id(dataclasses.asdict(dataclasses.replace(cfg, offset=1.0)), data)
