@@ -92,7 +92,8 @@ def load_checkpoint(path, required=("config",), mmap: bool = False) -> dict:
     ``mmap``: map the tensors' storage rather than read it (to look at the plain values only)."""
     path = Path(path)
     if not path.is_file():
-        raise RunError(f"checkpoint {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise RunError(f"checkpoint {path} {what}")  # a FIFO would block the reader forever
     if path.stat().st_size == 0:
         raise RunError(f"checkpoint {path} is empty (0 bytes): an interrupted copy? Expected a .pt file written "
                        "by fgd train")

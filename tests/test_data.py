@@ -186,7 +186,9 @@ def test_coco_undecodable_image_names_the_file(tmp_path):
     ann = _write(tmp_path, data)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     ds = CocoDetection(str(tmp_path), ann)
-    with pytest.raises(RuntimeError, match="broken.png"):
+    from fgd.data import BadImageError  # (the one-line policy of tests/test_data_reliability.py)
+
+    with pytest.raises(BadImageError, match="broken.png"):
         ds[0]
 
 

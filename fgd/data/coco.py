@@ -5,20 +5,114 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import errno
 import io
 import json
 import logging
 import math
 import os
+import stat
 from numbers import Real
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["CocoDetection", "collate_fn", "load_coco_json", "coco_class_names"]
+__all__ = ["CocoDetection", "BadImageError", "collate_fn", "load_coco_json", "coco_class_names"]
 
 log = logging.getLogger("fgd.data")
+
+# what every BadImageError tells the user to do next
+_GO_ON = "fix or remove the file (a missing file is skipped), then rerun; fgd train --resume continues"
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used: not decodable (truncated, not an image, not a regular
+    file) or of another size than its annotations say. The message is one line starting with the
+    file's path, then what is wrong and how to go on."""
+
+    def one_line(self) -> str:
+        """That line, also when a DataLoader worker re-raised the error with its traceback as text
+        (whose last line is "fgd.data.coco.BadImageError: <the line>")."""
+        lines = str(self).strip().splitlines() or [""]
+        return lines[-1].split("BadImageError: ", 1)[-1] if len(lines) > 1 else lines[0]
+
+
+def bad_image(path, what: str, go_on: str = _GO_ON) -> BadImageError:
+    """The BadImageError for ``path``: one line, however many lines ``what`` (e.g. PIL's text) has."""
+    return BadImageError(f"{path}: {' '.join(what.split())}; {go_on}")
+
+
+def decode_image(path, go_on: str = _GO_ON) -> np.ndarray:
+    """The pixels of the image file ``path``, uint8 [H, W, 3] RGB, decoded in full (a truncated
+    file is found now); BadImageError naming it otherwise. A FIFO or device is never opened (that
+    could block)."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:
+        raise bad_image(path, f"cannot be read ({e.strerror or e})", go_on) from None
+    if not regular:
+        raise bad_image(path, "is not a regular file", go_on)
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types for a broken file
+        raise bad_image(path, f"cannot be decoded as an image ({e})", go_on) from None
+
+
+def inside(name: str) -> bool:
+    """Whether the relative path ``name`` (a file_name, a VOC id or <filename>) names something
+    inside the folder it is joined to: not "", not the folder itself, not absolute, no way out with
+    "..". Links inside the folder are the folder owner's choice and are followed."""
+    if not name or "\0" in name or os.path.isabs(name):
+        return False
+    norm = os.path.normpath(name)
+    return norm not in (".", "..") and not norm.startswith(".." + os.sep)
+
+
+def check_regular_file(path, what: str) -> None:
+    """ValueError ("<what> <path> ...") unless ``path`` is a regular file: opening a FIFO blocks
+    until someone writes to it, and a folder or device is no annotation file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise ValueError(f"{what} {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path} is not a regular file (a FIFO, socket or device)")
+
+
+def write_atomic(path, write) -> None:
+    """Calls ``write(f)`` on a temporary file beside ``path`` (text mode), then renames it over
+    ``path``: the path holds the old file or the complete new one, never part of one (a full disk,
+    a file too large). On failure the temporary file is removed and OSError (or the ValueError
+    ``write`` raised) says, in one line, which file could not be written; nothing was replaced."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.fgd-tmp{os.getpid()}")  # the one name this removes
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:  # ValueError: what ``write`` refuses (NaN in json)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        kind = OSError if isinstance(e, OSError) else ValueError
+        raise kind(f"could not write {path}: {write_error(e)}; nothing was replaced") from None
+
+
+def write_error(e: Exception) -> str:
+    """Why a write failed, in words a user acts on."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "the disk is full"
+    if isinstance(e, OSError) and e.errno == errno.EFBIG:
+        return "the file is larger than this process may write (ulimit -f)"
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -102,24 +196,14 @@ class CocoDetection(torch.utils.data.Dataset):
         for ann in self.coco.imgToAnns.get(img["id"], []):
             if ann["iscrowd"]:
                 continue  # crowd regions are for evaluation (ignored matches), not training targets
-            x, y, w, h = ann["bbox"]
-            x1, y1 = min(max(x, 0.0), w_img), min(max(y, 0.0), h_img)
-            x2, y2 = min(max(x + w, 0.0), w_img), min(max(y + h, 0.0), h_img)
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
-                reason = "bad_box"
-            elif w == 0 or h == 0:
-                reason = "zero_size_box"
-            elif x2 <= x1 or y2 <= y1:
-                reason = "box_outside_image"
-            elif not math.isfinite(ann["area"]) or ann["area"] < 0:
-                reason = "bad_area"  # COCOeval's size ranges read it: NaN is in all of them, < 0 in none
-            else:
-                boxes.append((x1, y1, x2, y2))
-                labels.append(self.cat_id_to_label[ann["category_id"]])
-                areas.append(ann["area"])
+            box, reason = usable_box(ann, w_img, h_img)
+            if box is None:
+                self.skipped[reason] += 1
+                dropped_ids.append(ann["id"])
                 continue
-            self.skipped[reason] += 1
-            dropped_ids.append(ann["id"])
+            boxes.append(box)
+            labels.append(self.cat_id_to_label[ann["category_id"]])
+            areas.append(ann["area"])
         return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
                 np.asarray(areas, np.float32))
 
@@ -128,17 +212,13 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path = self._files[index]
-        try:
-            with Image.open(path) as im:
-                pixels = np.array(im.convert("RGB"))
-        except Exception as e:  # PIL raises several types for a broken file
-            raise RuntimeError(f"cannot decode image {path} (COCO id {self.ids[index]}): {e}") from e
+        pixels = decode_image(path)
         h, w = pixels.shape[:2]
         info = self.coco.imgs[self.ids[index]]
         if (h, w) != (info["height"], info["width"]):
             # boxes were clipped to the json's size; a different file would misplace them
-            raise RuntimeError(f"image {path} is {w}x{h} but {self.ann_file} says "
-                               f"{info['width']}x{info['height']}")
+            raise bad_image(path, f"the image is {w}x{h} but {self.ann_file} says {info['width']}x{info['height']} "
+                                  f"(image id {self.ids[index]})")
         image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div_(255)
         boxes, labels, area = self._targets[index]
         target = {"boxes": torch.from_numpy(boxes.copy()), "labels": torch.from_numpy(labels.copy()),
@@ -149,6 +229,23 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
+def usable_box(ann: dict, w_img, h_img):
+    """``(box, None)`` with ``box`` the annotation's (x1, y1, x2, y2) clipped to the image, or
+    ``(None, reason)`` for one training cannot use (the YOLO export drops the same ones)."""
+    x, y, w, h = ann["bbox"]
+    x1, y1 = min(max(x, 0.0), w_img), min(max(y, 0.0), h_img)
+    x2, y2 = min(max(x + w, 0.0), w_img), min(max(y + h, 0.0), h_img)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+        return None, "bad_box"
+    if w == 0 or h == 0:
+        return None, "zero_size_box"
+    if x2 <= x1 or y2 <= y1:
+        return None, "box_outside_image"
+    if not math.isfinite(ann["area"]) or ann["area"] < 0:
+        return None, "bad_area"  # COCOeval's size ranges read it: NaN is in all of them, < 0 in none
+    return (x1, y1, x2, y2), None
+
+
 def collate_fn(batch):
     """Detectors take lists (images differ in size): [(image, target), ...] -> (images, targets)."""
     images, targets = zip(*batch) if batch else ((), ())
@@ -157,14 +254,17 @@ def collate_fn(batch):
 
 def load_coco_json(path: str) -> dict:
     """The parsed json, checked by ``_check_coco``; ValueError naming the file."""
+    check_regular_file(path, "COCO annotation file")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"COCO annotation file {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"COCO annotation file {path} is not valid JSON: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"COCO annotation file {path} cannot be read: {e}") from None
+    except RecursionError:
+        raise ValueError(f"COCO annotation file {path} is not a COCO json: it nests too deeply to read") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (sys.int_info)
         raise ValueError(f"COCO annotation file {path} cannot be read: {e}") from None
     return _check_coco(data, f"COCO annotation file {path}")
 
@@ -191,7 +291,7 @@ def _check_coco(data, name: str) -> dict:
     def is_num(v):
         return isinstance(v, Real) and not isinstance(v, bool)
 
-    cats, images = set(), set()
+    cats, images, files = set(), set(), {}
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, dict) or not is_int(c.get("id")):
             raise bad(f"categories[{i}] must be an object with an integer 'id'")
@@ -206,6 +306,17 @@ def _check_coco(data, name: str) -> dict:
         if im["id"] in images:
             raise bad(f"image id {im['id']} appears twice")
         images.add(im["id"])
+        if not inside(im["file_name"]):
+            raise bad(f"images[{i}] (id {im['id']}): file_name {im['file_name']!r} is not a file inside the "
+                      "image folder (empty, absolute or leaving it with '..')")
+        # two ids for one file: the image is evaluated twice, each copy's boxes missed in the other
+        # (perfect detections score below AP 1.0), and trained on twice with half its boxes each
+        key = os.path.normpath(im["file_name"])
+        if key in files:
+            j, other = files[key]
+            raise bad(f"images[{j}] (id {other['id']}, {other['file_name']!r}) and images[{i}] (id {im['id']}, "
+                      f"{im['file_name']!r}) name one file; give each image one entry")
+        files[key] = (i, im)
     anns = set()
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict) or not all(is_int(a.get(k)) for k in ("id", "image_id", "category_id")):

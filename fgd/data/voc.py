@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .coco import CocoDetection
+from .coco import CocoDetection, check_regular_file, inside, write_atomic
 
 __all__ = ["VocDetection", "voc_to_coco", "write_coco_json", "convert_voc"]
 
@@ -56,11 +56,7 @@ def voc_to_coco(annotations, images, split_file=None, classes=None):
     (``<path>: not valid Pascal VOC XML (<reason>)``), for a folder without XML files and for a
     split file listing an id without an XML file; FileNotFoundError for a missing folder or file.
     """
-    ann_dir = Path(annotations)
-    if not ann_dir.is_dir():
-        raise FileNotFoundError(f"voc_to_coco: annotations folder {ann_dir} does not exist")
-    if (ann_dir / "Annotations").is_dir():  # the root of a VOC tree
-        ann_dir = ann_dir / "Annotations"
+    ann_dir = _annotation_folder(annotations)
     image_dir = Path(images)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"voc_to_coco: images folder {image_dir} does not exist")
@@ -68,6 +64,7 @@ def voc_to_coco(annotations, images, split_file=None, classes=None):
 
     xml_paths = _listed_xml(ann_dir, split_file) if split_file is not None else _all_xml(ann_dir)
     parsed = [(path, _parse(path)) for path in xml_paths]
+    _check_one_xml_per_image(parsed)
     names = names_given or sorted({obj[0] for _, voc in parsed for obj in voc["objects"]})
     cat_ids = {name: i + 1 for i, name in enumerate(names)}
 
@@ -137,24 +134,33 @@ def voc_to_coco(annotations, images, split_file=None, classes=None):
 
 
 def write_coco_json(coco_dict: dict, path) -> None:
-    """Writes ``coco_dict`` to ``path`` atomically: a temporary file beside it, then a rename, so
-    the path holds either the old file or the complete new one, never a partial write."""
+    """Writes ``coco_dict`` to ``path`` atomically (``fgd.data.coco.write_atomic``): the path holds
+    either the old file or the complete new one, never a partial write; a failed write is one
+    OSError / ValueError line naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(coco_dict, f, allow_nan=False)  # NaN is not JSON: other readers would refuse it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"could not write {path}: cannot make its folder ({e.strerror or e})") from None
+    # NaN is not JSON: other readers would refuse it
+    write_atomic(path, lambda f: json.dump(coco_dict, f, allow_nan=False))
 
 
 def convert_voc(annotations, images, out, split_file=None, classes=None) -> dict:
     """``voc_to_coco`` then ``write_coco_json(out)``; returns a summary: ``{"out", "images",
-    "boxes", "difficult", "classes" (names in category-id order), "skipped" (counts)}``."""
+    "boxes", "difficult", "classes" (names in category-id order), "skipped" (counts)}``.
+
+    An output never replaces an input: ValueError for an ``out`` inside the folder the XML files
+    are read from, or that is the split file or one of the images."""
+    ann_dir, real_out = _annotation_folder(annotations), os.path.realpath(out)
+    if os.path.commonpath([real_out, os.path.realpath(ann_dir)]) == os.path.realpath(ann_dir):
+        raise ValueError(f"convert_voc: out {out} is inside the annotations folder {ann_dir}, which is read; "
+                         "write the json elsewhere")
+    if split_file is not None and real_out == os.path.realpath(split_file):
+        raise ValueError(f"convert_voc: out {out} is the split file; write the json elsewhere")
     coco, skipped = voc_to_coco(annotations, images, split_file=split_file, classes=classes)
+    if any(real_out == os.path.realpath(Path(images) / im["file_name"]) for im in coco["images"]):
+        raise ValueError(f"convert_voc: out {out} is one of the images; write the json elsewhere")
     write_coco_json(coco, out)
     return {"out": str(out), "images": len(coco["images"]), "boxes": len(coco["annotations"]),
             "difficult": sum(a["difficult"] for a in coco["annotations"]),
@@ -191,6 +197,27 @@ def to_voc(x1, y1, x2, y2):
 
 # ---- reading ----------------------------------------------------------------------------------
 
+def _annotation_folder(annotations) -> Path:
+    """The folder the XML files are read from: ``annotations``, or its ``Annotations/`` subfolder."""
+    ann_dir = Path(annotations)
+    if not ann_dir.is_dir():
+        raise FileNotFoundError(f"voc_to_coco: annotations folder {ann_dir} does not exist")
+    if (ann_dir / "Annotations").is_dir():  # the root of a VOC tree
+        ann_dir = ann_dir / "Annotations"
+    return ann_dir
+
+
+def _check_one_xml_per_image(parsed) -> None:
+    """ValueError naming both XML files when two name one image: it would become two images, each
+    copy's boxes missed in the other (perfect detections score below AP 1.0)."""
+    first = {}
+    for path, voc in parsed:
+        other = first.setdefault(os.path.normpath(voc["filename"]), path)
+        if other != path:
+            raise ValueError(f"voc_to_coco: {other} and {path} both annotate the image {voc['filename']}; "
+                             "keep one XML file per image")
+
+
 def _check_classes(classes):
     if classes is None:
         return None
@@ -214,10 +241,11 @@ def _all_xml(ann_dir: Path) -> list:
 
 
 def _listed_xml(ann_dir: Path, split_file) -> list:
+    if not os.path.lexists(split_file):
+        raise FileNotFoundError(f"voc_to_coco: split file {split_file} does not exist")
+    check_regular_file(split_file, "voc_to_coco: split file")  # a FIFO would block the read
     try:
         lines = Path(split_file).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"voc_to_coco: split file {split_file} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"voc_to_coco: split file {split_file} cannot be read: {e}") from None
     # VOC's per-class lists hold "id  1" / "id -1" lines: the id is the first word. An id listed
@@ -225,6 +253,10 @@ def _listed_xml(ann_dir: Path, split_file) -> list:
     ids = list(dict.fromkeys(line.split()[0] for line in lines if line.strip()))
     if not ids:
         raise ValueError(f"voc_to_coco: split file {split_file} lists no image ids")
+    outside = [i for i in ids if not inside(f"{i}.xml")]
+    if outside:  # an id is a name in the annotations folder, never a path out of it
+        raise ValueError(f"voc_to_coco: split file {split_file}: ids {', '.join(map(repr, outside[:_FIRST]))} "
+                         f"name files outside {ann_dir}")
     paths = [ann_dir / f"{i}.xml" for i in ids]
     absent = [i for i, p in zip(ids, paths) if not p.is_file()]
     if absent:
@@ -251,7 +283,7 @@ def _parse(path: Path) -> dict:
     filename = (root.findtext("filename") or "").strip()
     if not filename:
         raise bad("no <filename>")
-    if Path(filename).is_absolute() or ".." in Path(filename).parts:
+    if not inside(filename):
         raise bad(f"<filename> {filename!r} is not a name under the image folder")
 
     size = None
