@@ -95,6 +95,8 @@ def _check_writable(path: Path, prog: str) -> None:
     if not path.parent.is_dir():
         raise SystemExit(f"{prog}: output {path}: folder {path.parent} does not exist")
     existed = path.exists()
+    if existed and not path.is_file():  # opening a FIFO would wait for a reader
+        raise SystemExit(f"{prog}: output {path} is not a regular file (a FIFO, socket or device); give a file name")
     try:
         with open(path, "a"):
             pass
@@ -365,11 +367,8 @@ def _reason(e: Exception):
 
     if isinstance(e, (RunError, SettingsError)):  # ConfigError and FileError are ones
         return str(e)
-    if isinstance(e, BadImageError):
-        # raised in a DataLoader worker it arrives as "Caught ... Original Traceback ...": its last line
-        # is the original "fgd.data....BadImageError: <message>"
-        last = str(e).strip().splitlines()[-1]
-        return last.split("BadImageError: ", 1)[-1]
+    if isinstance(e, BadImageError):  # also when a DataLoader worker re-raised it with its traceback
+        return e.one_line()
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
             isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -27,8 +27,8 @@ class RunError(RuntimeError):
     """A reason a run cannot go on that the user can act on; `fgd` prints it as one line."""
 
 
-class FileError(RunError):
-    """A file or folder fgd cannot use (a RunError: said in one line)."""
+class FileError(RunError, OSError):
+    """A file or folder fgd cannot use (a RunError: said in one line; an OSError to code that catches those)."""
 
 
 # .<name>.tmp<pid>: the one name fgd gives its temporary files (and the one cleanup removes)
@@ -36,7 +36,8 @@ _TMP = ".{name}.tmp{pid}"
 _TMP_NAME = re.compile(r"^\..+\.tmp\d+$")
 
 
-def _reason(e: BaseException) -> str:
+def write_error(e: BaseException) -> str:
+    """Why a write failed, in words a user acts on."""
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     if isinstance(e, OSError) and e.errno == errno.EFBIG:
         return f"{text} (larger than this process may write: ulimit -f)"
@@ -64,7 +65,7 @@ def write_atomic(path, data: Union[str, bytes, Callable]) -> Path:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise FileError(f"could not write {path}: {_reason(e)}; nothing was replaced (the previous file, if "
+        raise FileError(f"could not write {path}: {write_error(e)}; nothing was replaced (the previous file, if "
                         "any, is intact)") from None
     return path
 
@@ -99,7 +100,7 @@ def move_aside(path, why: str = "") -> Path:
     try:
         os.replace(path, target)
     except OSError as e:
-        raise FileError(f"cannot move {path} aside to {target.name}: {_reason(e)}") from None
+        raise FileError(f"cannot move {path} aside to {target.name}: {write_error(e)}") from None
     log.warning("moved %s aside to %s%s", path, target, f" ({why})" if why else "")
     return target
 
@@ -116,7 +117,7 @@ def check_output_folder(folder, flag: str, inside=()) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise FileError(f"cannot write in {flag} {folder}: {_reason(e)}") from None
+        raise FileError(f"cannot write in {flag} {folder}: {write_error(e)}") from None
     for name in inside:
         if (folder / name).exists() and not (folder / name).is_dir():
             raise FileError(f"{flag} {folder}: {folder / name} is a file where fgd keeps a folder")
@@ -169,7 +170,7 @@ class RunLock:
         try:
             f = open(path, "a+")
         except OSError as e:
-            raise FileError(f"cannot lock {self.folder} for this run: {_reason(e)}") from None
+            raise FileError(f"cannot lock {self.folder} for this run: {write_error(e)}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -116,6 +116,18 @@ def test_two_entries_naming_one_image_are_refused_or_scored_right(tmp_path, kind
     assert m["AP"] == pytest.approx(1.0), f"perfect detections score AP {m['AP']:.3f}"
 
 
+@pytest.mark.parametrize("box", [[-20, 5, 30, 10], [25, 20, 40, 40]])
+def test_a_box_partly_outside_the_image_is_scored_as_training_sees_it(tmp_path, box):
+    """Training clipped the box to the image while COCOeval scored the unclipped one: a perfect
+    (clipped) detection of a box mostly outside scored AP 0."""
+    from fgd.evaluate import coco_map
+
+    ann = _coco(tmp_path, [_img(1, "a.png")], [_ann(1, 1, box, area=box[2] * box[3])])
+    ds = CocoDetection(tmp_path, ann)
+    m = coco_map(ds.coco, _perfect_per_file(ds), ds.label_to_cat_id)
+    assert m["AP"] == pytest.approx(1.0), f"perfect detections score AP {m['AP']:.3f}"
+
+
 @pytest.mark.parametrize("names", [("a.png", "a.jpg"), ("x/a.png", "y/a.png")])
 def test_export_refuses_two_images_sharing_one_label_file(tmp_path, names):
     """a.png and a.jpg got one labels/a.txt: one image's boxes were lost, exit 0."""

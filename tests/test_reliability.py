@@ -239,6 +239,19 @@ def test_an_image_size_past_the_memory_is_one_line_before_any_work(shapes, tmp_p
     assert not (out / "config.json").exists()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_met_during_training_is_one_line_naming_it(shapes, tmp_path, capsys, workers):
+    """An image that breaks mid-run (a DataLoader worker re-raises it with its traceback as text)."""
+    images = tmp_path / "images"
+    shutil.copytree(shapes["train_images"], images)
+    bad = sorted(images.iterdir())[3]
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated file
+    argv = train_args({**shapes, "train_images": str(images)}, tmp_path / "run", "--num-workers", str(workers),
+                      iterations=8)  # 16 images: the epoch of 12 is seen whole
+    line = one_line(argv, capsys)
+    assert line.startswith(f"fgd train: {bad}: cannot be decoded"), line
+
+
 def test_demo_image_size_past_the_memory_is_refused_before_the_data(tmp_path):
     # (not run against 733d97c: there the kernel's OOM killer ends it, and may take others with it)
     from fgd.config import DemoConfig

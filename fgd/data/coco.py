@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import errno
 import io
 import json
 import logging
@@ -13,7 +12,6 @@ import math
 import os
 import stat
 from numbers import Real
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,35 +84,6 @@ def check_regular_file(path, what: str) -> None:
         raise ValueError(f"{what} {path} is not a regular file (a FIFO, socket or device)")
 
 
-def write_atomic(path, write) -> None:
-    """Calls ``write(f)`` on a temporary file beside ``path`` (text mode), then renames it over
-    ``path``: the path holds the old file or the complete new one, never part of one (a full disk,
-    a file too large). On failure the temporary file is removed and OSError (or the ValueError
-    ``write`` raised) says, in one line, which file could not be written; nothing was replaced."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.fgd-tmp{os.getpid()}")  # the one name this removes
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, ValueError) as e:  # ValueError: what ``write`` refuses (NaN in json)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        kind = OSError if isinstance(e, OSError) else ValueError
-        raise kind(f"could not write {path}: {write_error(e)}; nothing was replaced") from None
-
-
-def write_error(e: Exception) -> str:
-    """Why a write failed, in words a user acts on."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return "the disk is full"
-    if isinstance(e, OSError) and e.errno == errno.EFBIG:
-        return "the file is larger than this process may write (ulimit -f)"
-    return getattr(e, "strerror", None) or str(e) or type(e).__name__
-
-
 class CocoDetection(torch.utils.data.Dataset):
     """Images and boxes of a COCO json, as torchvision detectors take them.
 
@@ -123,8 +92,8 @@ class CocoDetection(torch.utils.data.Dataset):
     ``image_id`` (the COCO id), ``area`` float32 [n], ``iscrowd`` int64 [n] (zeros: crowd regions
     are left out), ``orig_size`` (H, W). ``transforms(image, target, index)`` runs last.
 
-    Boxes are clipped to the image; unusable ones are dropped (from the targets and from ``coco``,
-    which evaluation reads) and counted in ``skipped``. Images whose file is missing are dropped
+    Boxes are clipped to the image (in the targets and in ``coco``, which evaluation reads); unusable
+    ones are dropped from both and counted in ``skipped``. Images whose file is missing are dropped
     too (``on_bad="skip"``) or raise (``on_bad="error"``).
     """
 
@@ -201,6 +170,11 @@ class CocoDetection(torch.utils.data.Dataset):
                 self.skipped[reason] += 1
                 dropped_ids.append(ann["id"])
                 continue
+            x1, y1, x2, y2 = box
+            if [x1, y1, x2 - x1, y2 - y1] != list(ann["bbox"]):
+                # COCOeval reads coco.dataset: it scores the box training (and any detector, which
+                # clips its output to the image) sees, not the part outside the image
+                ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
             boxes.append(box)
             labels.append(self.cat_id_to_label[ann["category_id"]])
             areas.append(ann["area"])

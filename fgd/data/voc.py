@@ -24,7 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .coco import CocoDetection, check_regular_file, inside, write_atomic
+from ..files import write_atomic
+from .coco import CocoDetection, check_regular_file, inside
 
 __all__ = ["VocDetection", "voc_to_coco", "write_coco_json", "convert_voc"]
 
@@ -134,7 +135,7 @@ def voc_to_coco(annotations, images, split_file=None, classes=None):
 
 
 def write_coco_json(coco_dict: dict, path) -> None:
-    """Writes ``coco_dict`` to ``path`` atomically (``fgd.data.coco.write_atomic``): the path holds
+    """Writes ``coco_dict`` to ``path`` atomically (``fgd.files.write_atomic``): the path holds
     either the old file or the complete new one, never a partial write; a failed write is one
     OSError / ValueError line naming the file."""
     path = Path(path)
@@ -142,8 +143,11 @@ def write_coco_json(coco_dict: dict, path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"could not write {path}: cannot make its folder ({e.strerror or e})") from None
-    # NaN is not JSON: other readers would refuse it
-    write_atomic(path, lambda f: json.dump(coco_dict, f, allow_nan=False))
+    try:  # NaN is not JSON: other readers would refuse it
+        text = json.dumps(coco_dict, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"could not write {path}: {e}; nothing was replaced") from None
+    write_atomic(path, text)
 
 
 def convert_voc(annotations, images, out, split_file=None, classes=None) -> dict:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from .coco import (bad_image, coco_class_names, decode_image, load_coco_json, usable_box, write_atomic,
-                   write_error)
+from ..files import write_atomic, write_error
+from .coco import bad_image, coco_class_names, decode_image, load_coco_json, usable_box
 
 # The export is written here, inside ``out``, and swapped in only when complete; the previous
 # export waits in _OLD until the swap is done. These two names are the only ones fgd removes
@@ -63,7 +63,7 @@ def coco_to_yolo(splits: dict, out) -> Path:
             _write_split(loaded[split], ann_file, Path(image_dir), new, split)
         text = yaml.safe_dump({"path": str(out.resolve()), **{s: f"images/{s}" for s in splits},
                                "names": dict(enumerate(names))}, sort_keys=False, allow_unicode=True)
-        write_atomic(new / "data.yaml", lambda f: f.write(text))
+        write_atomic(new / "data.yaml", text)
         _swap_in(new, out, list(splits))
     except FileNotFoundError:
         raise  # a missing image: the message names it

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
