@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fgd import cli
-from fgd.data import make_shapes_dataset
+from conftest import shapes_splits
 from fgd.engine import TrainConfig, load_latest, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    tj, ti = make_shapes_dataset(root, 24, image_size=64, seed=0, split="train")
-    vj, vi = make_shapes_dataset(root, 8, image_size=64, seed=0, split="val")
-    return dict(train_json=tj, train_images=ti, val_json=vj, val_images=vi)
+    return shapes_splits(tmp_path_factory.mktemp("shapes"), 24, 8)
 
 
 def quick(shapes, out, **kw):

@@ -17,7 +17,7 @@ import torch
 
 import fgd
 from fgd import cli
-from fgd.data import make_shapes_dataset
+from conftest import shapes_splits
 
 # Subprocesses import the fgd this test imported (the source tree with its extension, or the
 # installed copy), from outside the source tree.
@@ -30,10 +30,7 @@ def env():
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    tj, ti = make_shapes_dataset(root, 12, image_size=64, seed=0, split="train")
-    vj, vi = make_shapes_dataset(root, 4, image_size=64, seed=0, split="val")
-    return dict(train_json=tj, train_images=ti, val_json=vj, val_images=vi)
+    return shapes_splits(tmp_path_factory.mktemp("shapes"), 12, 4)
 
 
 def train_args(shapes, out, *extra, iterations=4, val=False):
