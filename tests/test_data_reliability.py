@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import fgd.data
 from fgd.data import CocoDetection, VocDetection, convert_voc, voc_to_coco
 from fgd.data.yolo import coco_to_yolo
 
+FGD_PATH = str(Path(fgd.data.__file__).resolve().parents[2])
 CHILD_TIMEOUT = 60  # s: importing fgd in a child takes a few; a hang takes forever
 
 
@@ -30,8 +32,11 @@ def _bad_image_error():
 def _child(code: str, **env):
     """Runs ``code`` in a fresh Python; (returncode, stdout + stderr), or pytest.fail on a hang."""
     try:
+        # from outside the source tree (`-c` puts the working directory first on sys.path, and the
+        # tree's fgd/ has no compiled extension after `pip install .`), importing the fgd this test did
         done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT, env={**os.environ, **env})
+                              timeout=CHILD_TIMEOUT, cwd=tempfile.gettempdir(),
+                              env={**os.environ, "PYTHONPATH": FGD_PATH, **env})
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung (no answer within {CHILD_TIMEOUT} s)")
     return done.returncode, done.stdout + done.stderr
